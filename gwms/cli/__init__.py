@@ -1,0 +1,40 @@
+"""The ``gwms`` command: one entry point, a sub-command per tool.
+
+Each tool module exposes ``register(subparsers)``, which adds its parsers and sets
+``func(args) -> int`` as the handler. Errors a user can fix are raised as ``UsageError`` and
+printed as one line; they never become tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+
+class UsageError(Exception):
+    """An error the user can fix (bad argument, missing file, no collector answering)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gwms.cli import credentials, status, demo
+
+    parser = argparse.ArgumentParser(prog="gwms", description="gwms pool tools")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for module in (status, credentials, demo):
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args.func(args)
+    except UsageError as e:
+        print(f"gwms {args.command}: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code or 0)
