@@ -1,0 +1,77 @@
+"""The implementations sites choose between, selected by name in configuration.
+
+A stock name ("x509", "lists", ...) or ``package.module:Class`` for a site's own plugin. Each
+plugin class has ``from_config(config: HostConfig)`` and provides its interface (checked with
+``verifyObject`` when loaded, so a broken site plugin fails at start-up with its name).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Mapping
+
+from gwms.config import ConfigError, HostConfig
+from gwms.interfaces import IAuthMethod, IAuthorizer
+
+AUTH_METHODS: Mapping[str, str] = {
+    "x509": "gwms.plugins.auth_methods:X509Method",
+    "token": "gwms.plugins.auth_methods:TokenMethod",
+    "fs": "gwms.plugins.auth_methods:FSMethod",
+    "anonymous": "gwms.plugins.auth_methods:AnonymousMethod",
+}
+AUTHORIZERS: Mapping[str, str] = {
+    "lists": "gwms.plugins.authorization:ListAuthorizer",
+}
+
+
+class UnknownPlugin(ConfigError):
+    """A configuration names a plugin that does not exist or cannot be loaded."""
+
+
+def load_plugin(kind: str, name: str, stock: Mapping[str, str], interface: Any, config: HostConfig) -> Any:
+    from zope.interface.exceptions import Invalid
+    from zope.interface.verify import verifyObject
+
+    target = stock.get(name, name)
+    if ":" not in target:
+        raise UnknownPlugin(f"{config.source}: no {kind} named {name!r} (stock ones: "
+                            f"{', '.join(stock)}; a site plugin is named package.module:Class)")
+    module_name, _, class_name = target.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as e:
+        raise UnknownPlugin(f"{config.source}: cannot load {kind} {name!r}: {e}") from None
+    plugin = cls.from_config(config)
+    try:
+        verifyObject(interface, plugin)
+    except Invalid as e:
+        raise UnknownPlugin(f"{config.source}: {kind} {name!r} does not provide "
+                            f"{interface.__name__}: {e}") from None
+    return plugin
+
+
+def _methods(config: HostConfig, names: list[str]) -> dict[str, Any]:
+    methods = {}
+    for name in names:
+        method = load_plugin("authentication method", name, AUTH_METHODS, IAuthMethod, config)
+        methods[method.name] = method
+    return methods
+
+
+def server_auth_methods(config: HostConfig) -> dict[str, Any]:
+    """Every method any level of this host accepts, ready to authenticate clients."""
+    names: list[str] = []
+    for policy in config.levels.values():
+        names.extend(m for m in policy.methods if m not in names)
+    return _methods(config, names)
+
+
+def client_auth_methods(config: HostConfig) -> dict[str, Any]:
+    names = list(config.security["methods"])
+    for policy in config.levels.values():
+        names.extend(m for m in policy.methods if m not in names)
+    return _methods(config, names)
+
+
+def authorizer(config: HostConfig) -> Any:
+    return load_plugin("authorizer", config.security["authorizer"], AUTHORIZERS, IAuthorizer, config)

@@ -1,0 +1,3 @@
+from gwms.cli import main
+
+main()

@@ -1,0 +1,275 @@
+"""Host configuration: one TOML file per host, a section per role plus ``[pool]`` and ``[security]``.
+
+Every key every role understands is declared here, in one place, so that a typo is an error at
+start-up (naming the key and the file) rather than a silent default, and so that the README's
+configuration reference can be checked against this table. Relative paths are resolved against
+the directory of the file, which is what an operator editing ``site.toml`` expects.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+LEVELS = (
+    "READ",
+    "WRITE",
+    "ADMINISTRATOR",
+    "DAEMON",
+    "NEGOTIATOR",
+    "ADVERTISE_STARTD",
+    "ADVERTISE_SCHEDD",
+    "ADVERTISE_MASTER",
+    "ADVERTISE_FACTORY",
+    "ADVERTISE_FRONTEND",
+)
+REQUIREMENTS = ("REQUIRED", "PREFERRED", "OPTIONAL", "NEVER")
+DEFAULT_PORT = 9618
+DEFAULT_MAX_FRAME = 16 * 1024 * 1024
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Key:
+    kind: str  # str, path, int, float, bool, strlist, address, addrlist, requirement, networks
+    default: Any
+    doc: str
+
+
+def _address(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        return value, DEFAULT_PORT
+    host = host.strip("[]")
+    if not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"bad port in address {value!r}")
+    return host, int(port)
+
+
+def parse_address(value: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port``; the port defaults to 9618, HTCondor's) -> (host, port)."""
+    try:
+        return _address(value)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+POOL_KEYS: dict[str, Key] = {
+    "name": Key("str", "gwms", "The pool's name; also the issuer that tokens of this pool carry."),
+    "collectors": Key("addrlist", [f"127.0.0.1:{DEFAULT_PORT}"], "Collectors of the pool, host:port; "
+                      "updates go to all, queries to the first that answers."),
+    "ca": Key("path", None, "PEM file of the CA certificates this host trusts."),
+    "cert": Key("path", None, "This host's certificate (PEM); with key, the x509 identity it presents."),
+    "key": Key("path", None, "The private key of cert (mode 0600)."),
+    "proxy": Key("path", None, "An RFC 3820 proxy file (cert, key and chain) to present instead of cert/key."),
+    "token": Key("path", None, "A file holding the bearer token this host presents."),
+    "token_signing_key": Key("path", None, "The pool's token signing key, for daemons that verify tokens."),
+    "max_frame_bytes": Key("int", DEFAULT_MAX_FRAME, "Largest frame accepted, checked before buffering."),
+    "connect_timeout": Key("float", 2.0, "Seconds to wait for a TCP connection before failing over."),
+    "request_timeout": Key("float", 60.0, "Seconds to wait for the reply to one command."),
+    "idle_timeout": Key("float", 600.0, "Seconds a server keeps a connection that sends no complete frame."),
+    "audit_log": Key("path", None, "File receiving one JSON line per authorization decision."),
+}
+
+SECURITY_KEYS: dict[str, Key] = {
+    "methods": Key("strlist", ["x509", "token", "fs"], "Authentication methods, in order of preference "
+                   "(x509, token, fs, anonymous, or module:Class of a site plugin)."),
+    "authentication": Key("requirement", "REQUIRED", "Default authentication requirement for every level but READ."),
+    "encryption": Key("requirement", "REQUIRED", "Default encryption requirement for every level but READ."),
+    "authorizer": Key("str", "lists", "The IAuthorizer plugin: 'lists' or module:Class."),
+}
+
+LEVEL_KEYS: dict[str, Key] = {
+    "authentication": Key("requirement", None, "REQUIRED, PREFERRED, OPTIONAL or NEVER for this level."),
+    "encryption": Key("requirement", None, "REQUIRED, PREFERRED, OPTIONAL or NEVER for this level."),
+    "methods": Key("strlist", None, "Methods accepted for this level (default: [security] methods)."),
+    "allow": Key("strlist", [], "Identities allowed, exactly as authenticated ('*' allows anyone, "
+                 "including anonymous clients)."),
+    "allow_regex": Key("strlist", [], "Regular expressions an allowed identity matches in full."),
+    "deny": Key("strlist", [], "Identities denied; deny wins over allow."),
+    "deny_regex": Key("strlist", [], "Regular expressions of denied identities."),
+    "allow_networks": Key("networks", ["0.0.0.0/0", "::/0"], "Networks (CIDR) clients may come from."),
+    "deny_networks": Key("networks", [], "Networks (CIDR) refused, e.g. a blocked site."),
+}
+
+COLLECTOR_KEYS: dict[str, Key] = {
+    "listen": Key("address", f"127.0.0.1:{DEFAULT_PORT}", "TCP address the collector listens on."),
+    "unix_socket": Key("path", None, "A UNIX socket for local clients (fs authentication)."),
+    "ad_lifetime": Key("float", 900.0, "Seconds an ad lives unless it sets ClassAdLifetime (HTCondor's CLASSAD_LIFETIME)."),
+    "max_ad_lifetime": Key("float", 86400.0, "Upper bound on an ad-supplied ClassAdLifetime."),
+    "sweep_interval": Key("float", 5.0, "Seconds between removals of expired ads."),
+    "private_attributes": Key("strlist", ["ClaimId", "ClaimIdList", "Capability", "ChildClaimIds"],
+                              "Attributes only NEGOTIATOR-level queries may read."),
+    "max_ads": Key("int", 1_000_000, "Most ads stored; updates beyond are refused."),
+    "name": Key("str", None, "Name of the collector's own ad (default: the pool name and the address)."),
+    "address_file": Key("path", None, "File the collector writes its actual address to once it listens "
+                        "(useful with port 0)."),
+}
+
+SECTIONS: dict[str, dict[str, Key]] = {
+    "pool": POOL_KEYS,
+    "security": SECURITY_KEYS,
+    "collector": COLLECTOR_KEYS,
+}
+
+
+def _check_value(kind: str, value: Any, base: Path) -> Any:
+    if value is None:
+        return None
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ValueError("must be a string")
+        return value
+    if kind == "path":
+        if not isinstance(value, str) or not value:
+            raise ValueError("must be a file path (a string)")
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (base / p)
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("must be an integer")
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError("must be a number")
+        return float(value)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError("must be true or false")
+        return value
+    if kind in ("strlist", "addrlist", "networks"):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError("must be a list of strings")
+        if kind == "addrlist":
+            return [_address(v) for v in value]
+        if kind == "networks":
+            return [ipaddress.ip_network(v, strict=False) for v in value]
+        return list(value)
+    if kind == "address":
+        if not isinstance(value, str):
+            raise ValueError("must be a host:port string")
+        return _address(value)
+    if kind == "requirement":
+        if not isinstance(value, str) or value.upper() not in REQUIREMENTS:
+            raise ValueError(f"must be one of {', '.join(REQUIREMENTS)}")
+        return value.upper()
+    raise AssertionError(kind)
+
+
+def _check_table(table: Mapping[str, Any], keys: Mapping[str, Key], where: str, source: str,
+                 base: Path, subtables: Callable[[str, Any], bool] = lambda k, v: False) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in table.items():
+        if subtables(name, value):
+            continue
+        key = keys.get(name)
+        if key is None:
+            known = ", ".join(sorted(keys))
+            raise ConfigError(f"{source}: unknown key {name!r} in [{where}] (known keys: {known})")
+        try:
+            out[name] = _check_value(key.kind, value, base)
+        except ValueError as e:
+            raise ConfigError(f"{source}: [{where}] {name} {e} (got {value!r})") from None
+    for name, key in keys.items():
+        if name not in out:
+            out[name] = _check_value(key.kind, key.default, base) if key.default is not None else None
+    return out
+
+
+@dataclass(frozen=True)
+class LevelPolicy:
+    """Authentication, encryption and authorization settings of one authorization level."""
+
+    authentication: str
+    encryption: str
+    methods: tuple[str, ...]
+    allow: tuple[str, ...] = ()
+    allow_regex: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+    deny_regex: tuple[str, ...] = ()
+    allow_networks: tuple[Any, ...] = ()
+    deny_networks: tuple[Any, ...] = ()
+    lists_configured: bool = False
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    source: str
+    pool: dict[str, Any]
+    security: dict[str, Any]
+    levels: dict[str, LevelPolicy]
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def section(self, name: str) -> dict[str, Any]:
+        """A role's section, with defaults for keys the file does not set."""
+        if name in self.sections:
+            return self.sections[name]
+        return _check_table({}, SECTIONS[name], name, self.source, Path("."))
+
+
+def _levels(security_table: Mapping[str, Any], security: dict[str, Any], source: str,
+            base: Path) -> dict[str, LevelPolicy]:
+    levels: dict[str, LevelPolicy] = {}
+    list_keys = ("allow", "allow_regex", "deny", "deny_regex")
+    for level in LEVELS:
+        raw = security_table.get(level, {})
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: [security.{level}] must be a table")
+        table = _check_table(raw, LEVEL_KEYS, f"security.{level}", source, base)
+        if level == "READ":
+            auth_default, enc_default = "OPTIONAL", "OPTIONAL"
+        else:
+            auth_default, enc_default = security["authentication"], security["encryption"]
+        levels[level] = LevelPolicy(
+            authentication=table["authentication"] or auth_default,
+            encryption=table["encryption"] or enc_default,
+            methods=tuple(table["methods"] or security["methods"]),
+            allow=tuple(table["allow"]),
+            allow_regex=tuple(table["allow_regex"]),
+            deny=tuple(table["deny"]),
+            deny_regex=tuple(table["deny_regex"]),
+            allow_networks=tuple(table["allow_networks"]),
+            deny_networks=tuple(table["deny_networks"]),
+            lists_configured=any(k in raw for k in list_keys),
+        )
+    return levels
+
+
+def parse_config(text: str, source: str = "<config>", base: Path | None = None) -> HostConfig:
+    """Parse and check the TOML text of a host configuration."""
+    base = base or Path(".")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    for name, value in data.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{name}] (known sections: {', '.join(SECTIONS)})")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {name} must be a [section]")
+    pool = _check_table(data.get("pool", {}), POOL_KEYS, "pool", source, base)
+    security_table = data.get("security", {})
+    security = _check_table(security_table, SECURITY_KEYS, "security", source, base,
+                            subtables=lambda k, v: k in LEVELS and isinstance(v, dict))
+    levels = _levels(security_table, security, source, base)
+    sections = {name: _check_table(data.get(name, {}), keys, name, source, base)
+                for name, keys in SECTIONS.items() if name not in ("pool", "security")}
+    return HostConfig(source=source, pool=pool, security=security, levels=levels, sections=sections)
+
+
+def load_config(path: str | Path) -> HostConfig:
+    """Read and check a host configuration file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read configuration {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    return parse_config(text, source=str(path), base=path.resolve().parent)

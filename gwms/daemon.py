@@ -1,0 +1,132 @@
+"""What every gwms daemon does the same way: read its configuration, build its security, listen,
+and talk to the pool's collectors. Roles build on these pieces in their makeService."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, UNIXServerEndpoint
+from twisted.logger import Logger
+from twisted.python import usage
+
+from gwms.config import ConfigError, HostConfig, load_config
+from gwms.credentials.x509 import CredentialError, load_credential
+from gwms.protocols.client import Address, ClientSecurity, CollectorList
+from gwms.protocols.messages import Command, Limits, MessageServerFactory
+from gwms.security import Auditor, ServerSecurity
+
+log = Logger()
+
+
+class DaemonOptions(usage.Options):
+    """``twistd -n gwms-<role> --config FILE``."""
+
+    optParameters = [["config", "c", None, "The host configuration file (TOML)."]]
+
+    def postOptions(self) -> None:
+        if not self["config"]:
+            raise usage.UsageError("--config FILE is required")
+        try:
+            self["host_config"] = load_config(self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def host_credential(config: HostConfig) -> Any:
+    """The certificate (or proxy) this host presents, or None if none is configured."""
+    pool = config.pool
+    try:
+        if pool["proxy"] is not None:
+            return load_credential(pool["proxy"])
+        if pool["cert"] is not None:
+            return load_credential(pool["cert"], pool["key"])
+    except CredentialError as e:
+        raise ConfigError(f"{config.source}: host credential: {e}") from None
+    return None
+
+
+def server_security(config: HostConfig) -> ServerSecurity:
+    from gwms.plugins import authorizer, server_auth_methods
+    from gwms.tls import ServerTLS, TLSConfigError
+
+    credential = host_credential(config)
+    tls = None
+    if credential is not None:
+        try:
+            tls = ServerTLS(credential, config.pool["ca"])
+        except TLSConfigError as e:
+            raise ConfigError(f"{config.source}: {e}") from None
+    return ServerSecurity(levels=config.levels, methods=server_auth_methods(config),
+                          authorizer=authorizer(config), auditor=Auditor(config.pool["audit_log"]), tls=tls)
+
+
+def client_security(config: HostConfig) -> ClientSecurity:
+    return ClientSecurity.from_config(config)
+
+
+def collectors(reactor: Any, config: HostConfig) -> CollectorList:
+    addresses = [Address(host=h, port=p) for h, p in config.pool["collectors"]]
+    return CollectorList(reactor, addresses, client_security(config), Limits.from_pool(config.pool),
+                         connect_timeout=config.pool["connect_timeout"])
+
+
+class MessageListener(service.Service):
+    """Listens on a TCP address (and optionally a UNIX socket) with a message server factory;
+    writes the address it got to ``address_file`` (for port 0)."""
+
+    def __init__(self, reactor: Any, factory: MessageServerFactory, tcp: tuple[str, int] | None,
+                 unix_socket: Path | None = None, address_file: Path | None = None) -> None:
+        self.reactor = reactor
+        self.factory = factory
+        self.tcp = tcp
+        self.unix_socket = unix_socket
+        self.address_file = address_file
+        self.ports: list[Any] = []
+        self.address: Address | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        endpoints = []
+        if self.tcp is not None:
+            host, port = self.tcp
+            cls = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
+            endpoints.append(cls(self.reactor, port, interface=host))
+        if self.unix_socket is not None:
+            if self.unix_socket.exists():
+                self.unix_socket.unlink()
+            # World-connectable on purpose: fs authentication identifies every local user.
+            endpoints.append(UNIXServerEndpoint(self.reactor, str(self.unix_socket), mode=0o666))
+        self._listening = defer.gatherResults([e.listen(self.factory) for e in endpoints], consumeErrors=True)
+        self._listening.addCallback(self._listening_on)
+        self._listening.addErrback(self._listen_failed)
+
+    def _listening_on(self, ports: list[Any]) -> None:
+        self.ports = ports
+        if self.tcp is not None:
+            addr = ports[0].getHost()
+            self.address = Address(host=addr.host, port=addr.port)
+            log.info("listening on {address}", address=str(self.address))
+            if self.address_file is not None:
+                tmp = self.address_file.with_suffix(".tmp")
+                tmp.write_text(str(self.address) + "\n")
+                os.replace(tmp, self.address_file)
+
+    def _listen_failed(self, failure: Any) -> None:
+        log.failure("cannot listen", failure)
+        self.reactor.callLater(0, self.reactor.stop)
+
+    def stopService(self) -> defer.Deferred[Any]:
+        super().stopService()
+        for proto in list(self.factory.connections):
+            proto.transport.loseConnection()
+        stops = [defer.maybeDeferred(p.stopListening) for p in self.ports]
+        self.factory.security.auditor.close()
+        return defer.gatherResults(stops)
+
+
+def message_factory(reactor: Any, config: HostConfig, commands: Iterable[Command]) -> MessageServerFactory:
+    return MessageServerFactory(reactor, server_security(config), commands, Limits.from_pool(config.pool))

@@ -1,0 +1,47 @@
+"""Every interface a site can swap.
+
+Sites choose implementations by name in their configuration (``[security] methods = [...]``,
+``authorizer = "lists"``); a name of the form ``package.module:Class`` loads a site's own plugin.
+Methods are declared without ``self``, as zope.interface wants; docstrings say what a Deferred
+fires with where a method returns one.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class IAuthMethod(Interface):
+    """One way for a client to prove who it is to a daemon (x509, token, fs, anonymous, ...).
+
+    The message layer runs every method the same way: the two sides agree on a method in the
+    clear, start TLS if the method (or the encryption policy) needs it, the client sends the
+    proof returned by ``client_proof``, and the server calls ``authenticate`` with the facts of
+    the channel and that proof.
+    """
+
+    name = Attribute("The name written in configuration, e.g. 'x509'.")
+    requires_tls = Attribute("True if the method only runs inside server-authenticated TLS.")
+    wants_client_certificate = Attribute("True if the server must ask for a client certificate.")
+    read_only = Attribute("True if the identities it yields may use nothing but READ commands.")
+    local_only = Attribute("True if it works only over a local (UNIX socket) channel.")
+
+    def client_can_use(credentials, local):
+        """Whether a client holding ``credentials`` (a ClientCredentials) can offer this method
+        on a channel that is ``local`` (a UNIX socket) or not."""
+
+    def client_proof(credentials):
+        """What the client sends once the channel is set up: a dict of ClassAd-encodable values
+        (possibly empty)."""
+
+    def authenticate(channel, proof):
+        """Server side: check ``proof`` (a dict) against ``channel`` (a ChannelFacts) and return
+        an Identity, or raise AuthenticationFailed with a reason that may be shown to the client."""
+
+
+class IAuthorizer(Interface):
+    """Decides whether an authenticated identity may use an authorization level."""
+
+    def authorize(request):
+        """Return a Decision for ``request`` (an AuthorizationRequest: identity, peer address,
+        command, level). Must not block; is called once per connection, command and level."""
