@@ -181,8 +181,9 @@ def _proxy_info(args: argparse.Namespace) -> int:
     }
     code = 0
     if args.ca:
+        trusted = load_certificates(args.ca)  # an unreadable CA file is a usage error, not "invalid"
         try:
-            verify_chain(full, load_certificates(args.ca), now=now)
+            verify_chain(full, trusted, now=now)
             info["verification"] = "valid"
         except CredentialError as e:
             info["verification"] = str(e)

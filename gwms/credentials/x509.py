@@ -269,8 +269,16 @@ def _decode_proxy_cert_info(data: bytes) -> _ProxyCertInfo:
     return _ProxyCertInfo(path_len, language, policy)
 
 
+def _extensions(cert: x509.Certificate) -> x509.Extensions:
+    """The certificate's extensions; a duplicate or undecodable one is a CredentialError."""
+    try:
+        return cert.extensions
+    except ValueError as e:
+        raise CredentialError(f"certificate {_dn(cert)}: unreadable extensions ({e})") from None
+
+
 def _proxy_ext(cert: x509.Certificate) -> x509.Extension | None:
-    for ext in cert.extensions:
+    for ext in _extensions(cert):
         if ext.oid.dotted_string == PROXY_CERT_INFO_OID:
             return ext
     return None
@@ -474,6 +482,12 @@ def write_private_file(path: str | os.PathLike[str], data: bytes, *,
             break
         except FileExistsError:
             continue
+        except FileNotFoundError:
+            raise CredentialError(f"cannot write {path}: directory {directory} does not exist") \
+                from None
+        except PermissionError:
+            raise CredentialError(f"cannot write {path}: permission denied in {directory}") \
+                from None
     if fd < 0:
         raise OSError(f"cannot create a temporary file in {directory}")
     try:
@@ -575,7 +589,7 @@ def _signing_hash(key: PrivateKey) -> hashes.HashAlgorithm | None:
 
 def _basic_constraints(cert: x509.Certificate) -> x509.BasicConstraints | None:
     try:
-        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        return _extensions(cert).get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
         return None
 
@@ -670,7 +684,7 @@ def _time(t: _dt.datetime) -> str:
 
 def _key_usage(cert: x509.Certificate) -> x509.KeyUsage | None:
     try:
-        return cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        return _extensions(cert).get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
         return None
 

@@ -187,6 +187,9 @@ def test_proxy_errors_are_one_line_usage_errors(pki: Path, tmp_path: Path,
     code, _, err = run(["proxy", "init", "--cert", str(pki / "user-alice.pem"), "--key",
                         str(pki / "ca.key"), "--out", str(tmp_path / "p")], capsys)
     assert code == 2 and "does not belong to certificate /O=gwms/OU=Users/CN=alice" in err
+    code, _, err = run(["proxy", "info", str(pki / "user-alice.pem"), "--ca",
+                        str(tmp_path / "noca.pem")], capsys)
+    assert code == 2 and "noca.pem does not exist" in err
     code, _, err = run(["proxy", "info", str(tmp_path / "nothing")], capsys)
     assert code == 2 and "does not exist" in err
     assert not (tmp_path / "p").exists()
@@ -256,12 +259,24 @@ def test_token_errors_are_usage_errors(tmp_path: Path,
     assert code == 2 and "malformed token" in err
 
 
-def test_gwms_main_exit_codes(pki: Path, tmp_path: Path,
+def test_gwms_main_exit_codes(pki: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                               capsys: pytest.CaptureFixture[str]) -> None:
-    """Through the real entry point: exit 1 for an invalid chain, 2 for a usage error."""
-    pytest.importorskip("gwms.cli.status")
-    pytest.importorskip("gwms.cli.demo")
-    from gwms.cli import main
+    """Through the real entry point: exit 1 for an invalid chain, 2 for a usage error.
+
+    The parser is limited to this module's commands so the test does not depend on the other
+    tools' modules.
+    """
+    import gwms.cli
+
+    def build_parser() -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(prog="gwms")
+        sub = parser.add_subparsers(dest="command")
+        sub.required = True
+        credentials.register(sub)
+        return parser
+
+    monkeypatch.setattr(gwms.cli, "build_parser", build_parser)
+    main = gwms.cli.main
 
     user = load_credential(pki / "user-alice.pem", pki / "user-alice.key")
     path = tmp_path / "old"

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
@@ -154,6 +156,27 @@ def test_malformed_proxy_cert_info_is_a_credential_error(pki: dict, der: bytes) 
         verify_chain(chain_of(proxy), pki["trusted"])
 
 
+_FUZZ_KEY = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(
+    st.binary(max_size=40),
+    # mutations of a valid encoding reach deeper into the parser than random bytes
+    st.tuples(st.sampled_from([INHERIT_ALL_DER, LIMITED_DER]), st.integers(0, 16),
+              st.integers(0, 255)).map(lambda t: t[0][:t[1]] + bytes([t[2]]) + t[0][t[1] + 1:]),
+))
+def test_arbitrary_proxy_cert_info_gives_a_bool_or_credential_error(der: bytes) -> None:
+    now = dt.datetime.now(UTC)
+    cert = make_cert(name((NameOID.COMMON_NAME, "p")), name((NameOID.COMMON_NAME, "i")),
+                     _FUZZ_KEY, _FUZZ_KEY.public_key(), now, now + dt.timedelta(hours=1),
+                     proxy_der=der)
+    try:
+        assert isinstance(is_limited_proxy(cert), bool)
+    except CredentialError as e:
+        assert "ProxyCertInfo" in str(e) and "/CN=p" in str(e)
+
+
 def test_path_length_constraint_is_read_and_enforced(pki: dict) -> None:
     # pCPathLenConstraint 0: no proxy may be issued below this one.
     no_children = hand_proxy(pki["user"], der=bytes.fromhex("300f020100300a06082b06010505071501"))
@@ -284,6 +307,11 @@ def test_load_credential_garbage(tmp_path: Path, content: bytes, message: str) -
     (tmp_path / "bad.pem").write_bytes(content)
     with pytest.raises(CredentialError, match=message):
         load_credential(tmp_path / "bad.pem")
+
+
+def test_write_into_a_missing_directory_says_so(pki: dict, tmp_path: Path) -> None:
+    with pytest.raises(CredentialError, match=r"cannot write .*/nodir/p: directory .* does not"):
+        write_credential(tmp_path / "nodir" / "p", pki["user"])
 
 
 def test_load_credential_mismatched_key(pki: dict, tmp_path: Path) -> None:
