@@ -50,7 +50,7 @@ def host_credential(config: HostConfig) -> Any:
 
 
 def server_security(config: HostConfig) -> ServerSecurity:
-    from gwms.plugins import authorizer, server_auth_methods
+    from gwms.plugins import authorizer, load_auth_methods
     from gwms.tls import ServerTLS, TLSConfigError
 
     credential = host_credential(config)
@@ -60,7 +60,8 @@ def server_security(config: HostConfig) -> ServerSecurity:
             tls = ServerTLS(credential, config.pool["ca"])
         except TLSConfigError as e:
             raise ConfigError(f"{config.source}: {e}") from None
-    return ServerSecurity(levels=config.levels, methods=server_auth_methods(config),
+    methods, levels = load_auth_methods(config)
+    return ServerSecurity(levels=levels, methods=methods,
                           authorizer=authorizer(config), auditor=Auditor(config.pool["audit_log"]), tls=tls)
 
 

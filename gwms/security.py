@@ -197,8 +197,10 @@ class Auditor:
             "allowed": decision.allowed,
             "rule": decision.rule,
         }
-        self.log.info("{allowed_text} {identity} ({method}) from {peer}: {command} at {level} by {rule}",
-                      allowed_text="ALLOW" if decision.allowed else "DENY", **event)
+        # (twisted.logger reserves "level": the authorization level is logged as auth_level)
+        self.log.info("{verdict} {identity} ({method}) from {peer}: {command} at {auth_level} by {rule}",
+                      verdict="ALLOW" if decision.allowed else "DENY", auth_level=request.level,
+                      **{k: v for k, v in event.items() if k != "level"})
         if self._file is not None:
             self._file.write(json.dumps(event, sort_keys=True) + "\n")
 

@@ -27,8 +27,39 @@ class TLSConfigError(Exception):
     """A host credential or CA file that cannot be used for TLS."""
 
 
+# OpenSSL's X509_V_ERR_* codes that peers actually hit, so refusals can say why.
+VERIFY_ERRORS = {
+    2: "unable to get issuer certificate",
+    7: "certificate signature failure",
+    9: "certificate is not yet valid",
+    10: "certificate has expired",
+    18: "self-signed certificate",
+    19: "self-signed certificate in certificate chain",
+    20: "unable to get local issuer certificate (unknown CA)",
+    21: "unable to verify the first certificate",
+    24: "invalid CA certificate",
+    26: "unsupported certificate purpose",
+    40: "proxy certificates not allowed",
+    64: "proxy subject name violation",
+}
+
+
 def _verify_callback(connection: Any, cert: Any, errno: int, depth: int, ok: int) -> bool:
+    if not ok and getattr(connection, "gwms_verify_error", None) is None:
+        from gwms.credentials.x509 import dn_string
+
+        try:
+            who = dn_string(cert.to_cryptography().subject)
+        except Exception:
+            who = "?"
+        reason = VERIFY_ERRORS.get(errno, f"verify error {errno}")
+        connection.gwms_verify_error = f"{reason}: {who} (depth {depth})"
     return bool(ok)
+
+
+def verify_error(connection: Any) -> str | None:
+    """Why OpenSSL refused the peer's chain on this connection, if it did."""
+    return getattr(connection, "gwms_verify_error", None)
 
 
 def _base_context(method: int, ca_file: Path | None) -> SSL.Context:

@@ -82,10 +82,18 @@ def prepare(directory: Path, port: int = 0) -> Path:
     return config
 
 
+def twistd_command() -> list[str]:
+    """How to run twistd with this Python (the venv's script if there is one)."""
+    script = Path(sys.executable).parent / "twistd"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
 def start_daemon(role: str, config: Path, log_file: Path) -> subprocess.Popen[bytes]:
     """``twistd -n gwms-<role> --config FILE`` as a child process, logging to ``log_file``."""
     return subprocess.Popen(
-        [sys.executable, "-m", "twisted", "--nodaemon", "--pidfile=", "--logfile", str(log_file),
+        [*twistd_command(), "--nodaemon", "--pidfile=", "--logfile", str(log_file),
          f"gwms-{role}", "--config", str(config)],
         stdin=subprocess.DEVNULL, start_new_session=True)
 

@@ -50,27 +50,23 @@ def load_plugin(kind: str, name: str, stock: Mapping[str, str], interface: Any, 
     return plugin
 
 
-def _methods(config: HostConfig, names: list[str]) -> dict[str, Any]:
-    methods = {}
-    for name in names:
-        method = load_plugin("authentication method", name, AUTH_METHODS, IAuthMethod, config)
-        methods[method.name] = method
-    return methods
+def load_auth_methods(config: HostConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load every authentication method the configuration names (in [security] or any level).
 
+    Returns the methods by their own ``name`` and the level policies with each method written
+    as that name, so that ``gwms.testing:FakeAuthMethod`` in a file and ``fake`` on the wire
+    and in identities are one thing."""
+    import dataclasses
 
-def server_auth_methods(config: HostConfig) -> dict[str, Any]:
-    """Every method any level of this host accepts, ready to authenticate clients."""
-    names: list[str] = []
+    names: list[str] = list(config.security["methods"])
     for policy in config.levels.values():
         names.extend(m for m in policy.methods if m not in names)
-    return _methods(config, names)
-
-
-def client_auth_methods(config: HostConfig) -> dict[str, Any]:
-    names = list(config.security["methods"])
-    for policy in config.levels.values():
-        names.extend(m for m in policy.methods if m not in names)
-    return _methods(config, names)
+    by_config_name = {name: load_plugin("authentication method", name, AUTH_METHODS, IAuthMethod, config)
+                      for name in names}
+    methods = {m.name: m for m in by_config_name.values()}
+    levels = {level: dataclasses.replace(policy, methods=tuple(by_config_name[m].name for m in policy.methods))
+              for level, policy in config.levels.items()}
+    return methods, levels
 
 
 def authorizer(config: HostConfig) -> Any:

@@ -85,7 +85,7 @@ class ClientSecurity:
         """A daemon's or a user's client security: credentials from the configuration, and for
         people also from the usual environment variables (X509_USER_PROXY, X509_USER_CERT and
         X509_USER_KEY, GWMS_CA_FILE, GWMS_TOKEN_FILE / BEARER_TOKEN_FILE)."""
-        from gwms.plugins import client_auth_methods
+        from gwms.plugins import load_auth_methods
 
         env = environment if environment is not None else {}
         pool = config.pool
@@ -105,8 +105,8 @@ class ClientSecurity:
                 token = token_file.read_text().strip()
             except OSError as e:
                 raise ConnectionFailed(f"cannot read token file {token_file}: {e.strerror}") from None
-        return cls(config.levels, client_auth_methods(config),
-                   ClientCredentials(x509=credential, token=token), ca)
+        methods, levels = load_auth_methods(config)
+        return cls(levels, methods, ClientCredentials(x509=credential, token=token), ca)
 
 
 def _env_path(env: Mapping[str, str], name: str) -> Path | None:
@@ -123,7 +123,9 @@ def default_client_config() -> HostConfig:
 def connect(reactor: Any, address: Address, level: str, security: ClientSecurity,
             limits: Limits = Limits(), connect_timeout: float = 2.0) -> defer.Deferred[ClientProtocol]:
     """Connect, negotiate and authenticate; fires with a ready ClientProtocol or fails with
-    ConnectionFailed saying what went wrong."""
+    ConnectionFailed saying what went wrong. ``connect_timeout`` bounds the TCP connect and
+    twice it the whole set-up, so a daemon that accepts but never answers is given up on as
+    quickly as one that is down."""
     if level not in LEVELS:
         raise ValueError(f"unknown level {level}")
     if address.path:
@@ -132,7 +134,7 @@ def connect(reactor: Any, address: Address, level: str, security: ClientSecurity
     else:
         endpoint = HostnameEndpoint(reactor, address.host, address.port, timeout=connect_timeout)
         hostname = address.host
-    proto = ClientProtocol(reactor, limits, security, level, hostname)
+    proto = ClientProtocol(reactor, limits, security, level, hostname, setup_timeout=2 * connect_timeout)
 
     def connected(p: ClientProtocol) -> defer.Deferred[ClientProtocol]:
         return p.ready
@@ -187,8 +189,8 @@ class DaemonClient:
         return waiter
 
     def call(self, command: str, ad: classads.ClassAd | bytes, level: str,
-             timeout: float | None = None) -> defer.Deferred[Any]:
-        return self.connection(level).addCallback(lambda p: p.call(command, ad, timeout))
+             timeout: float | None = None, stream: bool = False) -> defer.Deferred[Any]:
+        return self.connection(level).addCallback(lambda p: p.call(command, ad, timeout, stream))
 
     def close(self) -> None:
         for proto in self._connections.values():
@@ -223,13 +225,14 @@ class CollectorList:
 
     @defer.inlineCallbacks
     def query(self, command: str, ad: classads.ClassAd, level: str = "READ") -> Any:
-        """Ask one collector; on a connection failure go on at once to the next one. A refusal
-        (CommandError) is an answer, not an outage, and is raised."""
+        """Ask one collector; fires with (final ad, [encoded ads]). On a connection failure go
+        on at once to the next one; a refusal (CommandError) is an answer, not an outage, and
+        is raised."""
         errors = []
         for i in self._order():
             client = self.clients[i]
             try:
-                result = yield client.call(command, ad, level)
+                result = yield client.call(command, ad, level, stream=True)
             except ConnectionFailed as e:
                 self._failed_at[i] = time.monotonic()
                 errors.append(f"{client.address}: {e}")
@@ -254,7 +257,7 @@ def query_ads(collectors: CollectorList, ad_type: str, constraint: str | None = 
         query["Projection"] = ",".join(projection)
     command, level = ("QUERY_PRIVATE", "NEGOTIATOR") if private else ("QUERY", "READ")
     d = collectors.query(command, query, level)
-    return d.addCallback(lambda result: [classads.decode(b) for b in (result[1] if isinstance(result, tuple) else [])])
+    return d.addCallback(lambda result: [classads.decode(b) for b in result[1]])
 
 
 __all__ = ["Address", "ClientCredentials", "ClientSecurity", "CollectorList", "CommandError",

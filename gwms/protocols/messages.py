@@ -239,7 +239,11 @@ class ServerProtocol(_FramedProtocol):
         if self.state == "tls" and not self._handshake_done:
             # The TLS handshake failed: a certificate from an unknown CA, an expired proxy, a
             # client that gave up. Authentication failures are audited like refusals.
-            self._audit_auth_failure(f"TLS handshake failed: {_tls_reason(reason)}")
+            from gwms.tls import verify_error
+
+            detail = _tls_reason(reason)
+            why = verify_error(self.transport.getHandle()) if self.transport else None
+            self._audit_auth_failure(f"TLS handshake failed: {detail}" + (f" ({why})" if why else ""))
 
     def timeoutConnection(self) -> None:
         log.debug("closing idle connection from {peer}", peer=self.peer_host)
@@ -261,7 +265,11 @@ class ServerProtocol(_FramedProtocol):
                                               f"a client may only send requests, not {frame.kind!r} frames",
                                               frame.request_id))
         if self.state == "ready":
-            return self._request(frame)
+            try:
+                return self._request(frame)
+            except Exception:
+                # A bug in one request must not take down the connection, let alone the daemon.
+                return self._reply_failure(frame.request_id, frame.command, Failure())
         if self.state == "hello" and frame.command == HELLO:
             return self._hello(frame)
         if self.state in ("auth", "tls") and frame.command == AUTH:
@@ -463,8 +471,10 @@ class ConnectionFailed(Exception):
 class ClientProtocol(_FramedProtocol):
     """The client's end: negotiates, authenticates, then sends requests and correlates replies."""
 
-    def __init__(self, reactor: Any, limits: Limits, security: Any, level: str, hostname: str) -> None:
+    def __init__(self, reactor: Any, limits: Limits, security: Any, level: str, hostname: str,
+                 setup_timeout: float | None = None) -> None:
         super().__init__(reactor, limits)
+        self.setup_timeout = setup_timeout or limits.handshake_timeout
         self.security = security  # gwms.protocols.client.ClientSecurity
         self.level = level
         self.hostname = hostname
@@ -474,7 +484,8 @@ class ClientProtocol(_FramedProtocol):
         self.authenticated = False
         self.method: str | None = None
         self._ids = itertools.count(1)
-        self._pending: dict[int, tuple[defer.Deferred[Any], list[Any] | None, Any]] = {}
+        # request id -> (Deferred, the items of a streamed reply or None, timeout call)
+        self._pending: dict[int, tuple[defer.Deferred[Any], list[bytes] | None, Any]] = {}
         self._tls_started = False
         self._failure_reason: str | None = None
 
@@ -486,7 +497,7 @@ class ClientProtocol(_FramedProtocol):
         hello["Authentication"] = policy.authentication
         hello["Encryption"] = policy.encryption
         hello["Methods"] = self.security.usable_methods(self.level, self.local)
-        self.setTimeout(self.limits.handshake_timeout)
+        self.setTimeout(self.setup_timeout)
         self.send(REQUEST, 0, HELLO, hello)
 
     def timeoutConnection(self) -> None:
@@ -508,10 +519,11 @@ class ClientProtocol(_FramedProtocol):
         if entry is None:
             return  # a reply after our timeout gave up on it
         d, items, timer = entry
+        stream = items is not None
         if frame.kind == ITEM:
             if items is None:
-                items = []
-                self._pending[frame.request_id] = (d, items, timer)
+                return self._pending.pop(frame.request_id)[0].errback(
+                    CommandError("MALFORMED_REPLY", f"items in the reply to a {frame.command} that streams none"))
             items.append(frame.body)
             return
         del self._pending[frame.request_id]
@@ -525,7 +537,7 @@ class ClientProtocol(_FramedProtocol):
         except classads.ClassAdError as e:
             d.errback(CommandError("MALFORMED_REPLY", str(e)))
             return
-        d.callback((final, items) if items is not None else final)
+        d.callback((final, items or []) if stream else final)
 
     def _setup_frame(self, frame: Frame) -> None:
         if frame.kind == ERROR:
@@ -587,16 +599,17 @@ class ClientProtocol(_FramedProtocol):
                 timer.cancel()
             d.errback(ConnectionFailed(f"connection lost: {reason.getErrorMessage()}"))
 
-    def call(self, command: str, ad: classads.ClassAd | bytes, timeout: float | None = None) -> defer.Deferred[Any]:
-        """Send a request; the Deferred fires with the reply ad, or (final ad, [item bytes])
-        for a streamed reply, or fails with CommandError / ConnectionFailed."""
+    def call(self, command: str, ad: classads.ClassAd | bytes, timeout: float | None = None,
+             stream: bool = False) -> defer.Deferred[Any]:
+        """Send a request; the Deferred fires with the reply ad, or with (final ad, [encoded
+        items]) if ``stream``, or fails with CommandError / ConnectionFailed."""
         if self.closing or not self.ready.called:
             return defer.fail(ConnectionFailed("connection is not ready"))
         rid = next(self._ids)
         d: defer.Deferred[Any] = defer.Deferred()
         timeout = self.limits.request_timeout if timeout is None else timeout
         timer = self.callLater(timeout, self._timed_out, rid, command, timeout) if timeout else None
-        self._pending[rid] = (d, None, timer)
+        self._pending[rid] = (d, [] if stream else None, timer)
         self.send(REQUEST, rid, command, ad)
         return d
 

@@ -23,6 +23,15 @@ class FakeCredentials(ClientCredentials):
     fake_identity: str | None = None
 
 
+def memory_security(config: HostConfig, auditor: Any = None) -> Any:
+    """The ServerSecurity of an in-memory daemon with this configuration."""
+    from gwms.plugins import authorizer, load_auth_methods
+    from gwms.security import Auditor, ServerSecurity
+
+    methods, levels = load_auth_methods(config)
+    return ServerSecurity(levels, methods, authorizer(config), auditor or Auditor())
+
+
 def memory_config(extra: str = "") -> HostConfig:
     """A configuration whose levels accept the fake method in the clear (for memory tests)."""
     return parse_config(TEST_SECURITY + extra, "<test>")
@@ -39,11 +48,11 @@ class MemoryNetwork:
     def connect(self, factory: MessageServerFactory, identity: str | None, level: str = "READ",
                 config: HostConfig | None = None, limits: Limits = Limits(),
                 peer_host: str = "127.0.0.1") -> tuple[ClientProtocol, Any, iosim.IOPump]:
-        from gwms.plugins import client_auth_methods
+        from gwms.plugins import load_auth_methods
 
         config = config or memory_config()
-        security = ClientSecurity(config.levels, client_auth_methods(config),
-                                  FakeCredentials(fake_identity=identity), None)
+        methods, levels = load_auth_methods(config)
+        security = ClientSecurity(levels, methods, FakeCredentials(fake_identity=identity), None)
         client = ClientProtocol(self.clock, limits, security, level, "localhost")
         self._port += 1
         server = factory.buildProtocol(IPv4Address("TCP", peer_host, self._port))

@@ -6,9 +6,7 @@ from twisted.internet.testing import MemoryReactorClock
 from gwms import classads
 from gwms.collector.service import Collector
 from gwms.protocols.messages import CommandError, ConnectionFailed, Limits, MessageServerFactory
-from gwms.security import ServerSecurity
-from gwms.plugins import authorizer, server_auth_methods
-from gwms.testing.network import MemoryNetwork, memory_config
+from gwms.testing.network import MemoryNetwork, memory_config, memory_security
 
 LISTS = """
 [security.READ]
@@ -43,7 +41,7 @@ def pool():
     config = memory_config(LISTS)
     collector = Collector(clock, SETTINGS, "test-collector")
     audit = Audit()
-    security = ServerSecurity(config.levels, server_auth_methods(config), authorizer(config), audit)
+    security = memory_security(config, audit)
     factory = MessageServerFactory(clock, security, collector.commands(), Limits(max_frame=64 * 1024))
     net = MemoryNetwork(clock)
 
@@ -58,8 +56,8 @@ def pool():
         net.flush()
         return proto
 
-    def call(proto, command, text, level=None):
-        d = proto.call(command, classads.parse_new(text))
+    def call(proto, command, text, stream=False):
+        d = proto.call(command, classads.parse_new(text), stream=stream)
         net.flush()
         results = []
         d.addBoth(results.append)
@@ -70,8 +68,9 @@ def pool():
         return r
 
     def query(proto, text='[TargetType = "Machine"]', command="QUERY"):
-        final, items = call(proto, command, text)
-        return [classads.decode(b) for b in (items or [])]
+        final, items = call(proto, command, text, stream=True)
+        assert final["Count"] == len(items)
+        return [classads.decode(b) for b in items]
 
     p.client, p.call, p.query = client, call, query
     return p
@@ -134,15 +133,14 @@ def test_ads_expire_after_their_lifetime_on_the_clock(pool):
     pool.call(startd, "UPDATE", SLOT)
     pool.call(startd, "UPDATE", '[MyType = "Machine"; Name = "short"; ClassAdLifetime = 10]')
     pool.call(startd, "UPDATE", '[MyType = "Machine"; Name = "capped"; ClassAdLifetime = 99999]')
-    reader = pool.client("reader")
-    assert len(pool.query(reader)) == 3
+    assert len(pool.query(pool.client("reader"))) == 3
     pool.clock.advance(11)
-    assert sorted(a["Name"] for a in pool.query(reader)) == ["capped", "slot1@host"]
+    assert sorted(a["Name"] for a in pool.query(pool.client("reader"))) == ["capped", "slot1@host"]
     pool.clock.advance(900)
-    assert [a["Name"] for a in pool.query(reader)] == ["capped"]
+    assert [a["Name"] for a in pool.query(pool.client("reader"))] == ["capped"]
     assert pool.collector.store.expire() == 2
     pool.clock.advance(3600)
-    assert pool.query(reader) == []
+    assert pool.query(pool.client("reader")) == []
 
 
 def test_query_constraint_projection_and_any(pool):
@@ -229,12 +227,18 @@ def test_idle_connections_are_closed_by_the_server(pool):
 
 
 def test_commands_before_authentication_are_protocol_errors(pool):
-    proto, server, pump = pool.net.connect(pool.factory, "x", config=pool.config)
-    # Skip HELLO: send a request straight away from a raw client.
-    from gwms.protocols.framing import encode_frame
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
 
+    from gwms.protocols.framing import FrameDecoder, encode_frame
+
+    server = pool.factory.buildProtocol(None)
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5555))
+    server.makeConnection(transport)
     server.dataReceived(encode_frame("Q", 1, "QUERY", b"[]"))
-    assert server.closing
+    frames, _ = FrameDecoder(4096).feed(transport.value())
+    assert frames[0].kind == "E" and b"expected HELLO, got QUERY" in frames[0].body
+    assert transport.disconnecting
 
 
 def test_negotiation_failure_is_reported_to_the_client(pool):

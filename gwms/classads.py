@@ -1,0 +1,1075 @@
+"""ClassAds: the one module of gwms that talks to HTCondor's ClassAd library.
+
+Every parse and every evaluation is done by ``classad2`` (shipped in the ``htcondor`` wheel):
+three-valued logic, ``MY.``/``TARGET.``, ``=?=``, the function library, all exactly as in
+HTCondor.  This module adds only what classad2 does not do for us:
+
+* **Strictness.**  ``classad2.ClassAd(text)`` ignores anything after the closing ``]`` and the
+  old-syntax parser silently drops bad lines; ``ExprTree(text)`` accepts ``1; b = 2``.  Input
+  that arrives from the network or from a user must be rejected instead, with an error that
+  says what and where (DESIGN.md: "bad input anywhere gets an error that names what was wrong
+  and where").  We get that by asking classad2 how many bytes it consumed and by parsing the
+  text inside a wrapper we control; we never tokenise or parse ClassAd text ourselves.
+* **Exact wire form.**  classad2 prints reals with 16 significant digits, which does not
+  round-trip a double; :func:`encode` writes literal reals itself (Python's shortest exact
+  ``repr``) and leaves everything else to classad2's printer.
+* **A guard against classad2 crashes.**  The parser limits bracket nesting (about 165 levels),
+  but a left-associative chain such as ``1+1+...+1`` parses to a tree as deep as it is long,
+  and classad2's printer, copier and evaluator recurse over it: at about 24,000 levels the
+  process dies with SIGSEGV (measured with the default 8 MB stack).  Parsed text that could
+  hold a tree deeper than :data:`MAX_TREE_DEPTH` is refused.
+* **HTCondor's conventions** where classad2 leaves them to the caller: how a constraint's
+  non-boolean value counts (like condor_q), old-syntax string escaping (like
+  condor_status -long), and JSON output (like condor_q -json).
+
+classad2 keeps its last error message in a process-wide variable, so the diagnostics here
+assume the Twisted way of calling it from one thread at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections.abc import Callable, Iterable, Iterator
+from typing import Final
+
+import classad2
+from classad2 import ClassAdException, Value
+
+try:  # the function behind classad2.parseNext/parseAds; it also reports the bytes consumed
+    from classad2.classad2_impl import _classad_parse_next
+except ImportError:  # pragma: no cover - exercised by monkeypatching in the tests
+    _classad_parse_next = None
+
+__all__ = [
+    "ClassAd",
+    "ExprTree",
+    "ClassAdError",
+    "Constraint",
+    "ERROR",
+    "MAX_TREE_DEPTH",
+    "parse_expr",
+    "parse_new",
+    "parse_old",
+    "parse_ad",
+    "parse_ads",
+    "encode",
+    "decode",
+    "quote",
+    "evaluate_constraint",
+    "compile_constraint",
+    "symmetric_match",
+    "rank",
+    "project",
+    "without",
+    "to_python",
+    "format_old",
+    "evaluate",
+]
+
+ClassAd = classad2.ClassAd
+ExprTree = classad2.ExprTree
+
+#: Deepest expression tree we let in.  classad2 crashed at ~24,000 levels (selection chains,
+#: 8 MB stack; ~31,000 for arithmetic); 10,000 leaves room for smaller thread stacks.
+MAX_TREE_DEPTH: Final = 10_000
+# classad2's recursive-descent parser stops every recursion (brackets, unary operators,
+# ?:) at about 500 levels, so those contribute at most this much depth to any tree.
+_PARSER_RECURSION: Final = 1_000
+# Only left-associative chains grow without that limit, and each of their levels costs at
+# least two characters ("+1", ".b"), so text up to this length is safe without looking at it.
+_SAFE_LENGTH: Final = 2 * (MAX_TREE_DEPTH - _PARSER_RECURSION)
+# Error-path probes re-parse the text; above this size we skip them rather than let a stream
+# of huge bad frames cost ten parses each.
+_PROBE_LIMIT: Final = 64 * 1024
+_EXCERPT: Final = 80
+
+_NEW: Final = int(classad2.ParserType.New)
+_WS: Final = " \t\n\r\v\f"  # C isspace(), which is what classad2's lexer skips
+_WS_BYTES_RE = re.compile(rb"[ \t\n\r\v\f]*")
+# HTCondor attribute names as old-syntax files and condor_status -long spell them.
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Names classad2 can only write quoted (checked against its printer: 'true' = 1, ...).
+_RESERVED: Final = frozenset({"true", "false", "undefined", "error", "is", "isnt", "parent"})
+
+
+class ClassAdError(ValueError):
+    """A malformed ad or expression.
+
+    The message says what is wrong (classad2's own parser message where it has one), names the
+    line for old syntax, and quotes the offending text, cut to about 80 characters with "...".
+    ``reason``, ``text`` and ``line`` are kept as attributes for callers that format their own.
+    """
+
+    def __init__(self, reason: str, text: str | bytes | None = None, *, line: int | None = None) -> None:
+        self.reason = reason
+        self.text = text
+        self.line = line
+        message = reason if line is None else f"line {line}: {reason}"
+        if text is not None:
+            message = f"{message}: {_excerpt(text)}"
+        super().__init__(message)
+
+
+def _excerpt(text: str | bytes) -> str:
+    # repr() so that newlines, control characters and invalid bytes show up visibly.
+    if len(text) > _EXCERPT:
+        text = text[: _EXCERPT - 3] + ("..." if isinstance(text, str) else b"...")
+    return repr(text)
+
+
+class _ErrorValue:
+    """The ClassAd value ERROR as :func:`evaluate` returns it: false in a test, "error" when printed."""
+
+    _instance: _ErrorValue | None = None
+
+    def __new__(cls) -> _ErrorValue:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "classads.ERROR"
+
+    def __str__(self) -> str:
+        return "error"
+
+
+#: What :func:`evaluate` returns for ERROR (UNDEFINED comes back as None).  classad2's own
+#: ``Value.Error`` is an IntEnum equal to 1, i.e. *true* in an ``if``: never hand that out.
+ERROR: Final = _ErrorValue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing one new-syntax ad with classad2, knowing where it ended
+# ---------------------------------------------------------------------------------------------
+
+
+class _OffsetRecorder:
+    """A minimal "file" for classad2.parseAds: it hands over the text and records the offset
+    parseAds seeks to after an ad, which is the number of bytes classad2 consumed."""
+
+    __slots__ = ("_text", "offset")
+
+    def __init__(self, text: str) -> None:
+        self._text = text
+        self.offset = 0
+
+    def __iter__(self) -> Iterator[str]:
+        return iter((self._text,))
+
+    def tell(self) -> int:
+        return 0
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.offset = offset
+        return offset
+
+
+def _parse_next(text: str, start: int) -> tuple[ClassAd | None, int]:
+    """One new-syntax ad from UTF-8 byte offset ``start``: (ad or None, byte offset after it).
+
+    None means classad2 found no ad there: a syntax error, or the empty ad "[]", which its
+    parse-next entry point does not return.  Raises ValueError/ClassAdException for other
+    syntax errors.  The private entry point is what classad2's public parseNext/parseAds use;
+    if a later htcondor drops it we fall back on parseAds itself (about 4 us slower).
+    """
+    if _classad_parse_next is not None:
+        ad, consumed = _classad_parse_next(text, _NEW, start)
+        return ad, start + consumed
+    if start:
+        text = text.encode("utf-8")[start:].decode("utf-8")
+    recorder = _OffsetRecorder(text)
+    ad = next(classad2.parseAds(recorder, classad2.ParserType.New), None)  # type: ignore[arg-type]
+    return ad, start + recorder.offset
+
+
+def _byte_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+_PROBE_NAME: Final = "_gwms_probe_"
+
+
+def _parse_empty_ad(text: str) -> tuple[ClassAd | None, int]:
+    """Recognise "[ ]" (possibly with comments inside), which classad2's parse-next skips.
+
+    We put a known attribute inside the brackets and let classad2 parse that: if the result
+    holds exactly our attribute, the original was an empty ad ending at the same place.
+    """
+    body = text.lstrip(_WS)
+    if not body.startswith("["):
+        return None, 0
+    prefix = f"[{_PROBE_NAME} = 0;"
+    try:
+        ad, end = _parse_next(prefix + body[1:], 0)
+    except (ValueError, ClassAdException):
+        return None, 0
+    if ad is None or len(ad) != 1 or _PROBE_NAME not in ad:
+        return None, 0
+    leading = len(text) - len(body)  # whitespace is ASCII: characters are bytes here
+    return ClassAd(), leading + end - (len(prefix) - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Diagnostics (error path only)
+# ---------------------------------------------------------------------------------------------
+
+# Two syntax errors whose classad2 messages differ from each other.  classad2 does not clear
+# its last-error text on success, and many errors (an unterminated string, a missing value)
+# leave it untouched, so a message read after a failure may belong to an earlier parse.
+_SENTINELS: Final = ("[a = (1 ]", "[a = 1 b]")
+
+
+def _classad2_message(attempt: Callable[[], object]) -> str | None:
+    """classad2's own message for the failure ``attempt()`` raises, or None if it set none."""
+    for sentinel in _SENTINELS:
+        try:
+            ClassAd(sentinel)
+        except ClassAdException:
+            pass
+        before = classad2.lastError()
+        try:
+            attempt()
+        except (ClassAdException, ValueError):
+            pass
+        else:
+            return None
+        after = classad2.lastError()
+        if after != before:
+            return " ".join(after.split()) or None
+    return None
+
+
+_LEX_WORDS: Final = {
+    "LEX_SEMICOLON": "';'",
+    "LEX_COMMA": "','",
+    "LEX_COLON": "':'",
+    "LEX_QMARK": "'?'",
+    "LEX_BOUND_TO": "'='",
+    "LEX_SELECTION": "'.'",
+    "LEX_OPEN_BOX": "'['",
+    "LEX_CLOSE_BOX": "']'",
+    "LEX_OPEN_PAREN": "'('",
+    "LEX_CLOSE_PAREN": "')'",
+    "LEX_OPEN_BRACE": "'{'",
+    "LEX_CLOSE_BRACE": "'}'",
+    "LEX_END_OF_INPUT": "end of input",
+    "LEX_IDENTIFIER": "a name",
+    "LEX_INTEGER_VALUE": "an integer",
+    "LEX_REAL_VALUE": "a real number",
+    "LEX_STRING_VALUE": "a string",
+    "LEX_BOOLEAN_VALUE": "a boolean",
+    "LEX_UNDEFINED_VALUE": "undefined",
+    "LEX_ERROR_VALUE": "error",
+    "LEX_TOKEN_ERROR": "an invalid character",
+    "LEX_TOKEN_TOO_LONG": "a token that is too long",
+}
+_LEX_RE = re.compile(r"LEX_[A-Z_]+")
+_AFTER_EXPR_RE = re.compile(r"while parsing classad: expected LEX_SEMICOLON or LEX_CLOSE_BOX but got (LEX_[A-Z_]+)")
+
+
+def _lex_word(token: str) -> str:
+    return _LEX_WORDS.get(token, token)
+
+
+def _explain(message: str) -> str:
+    """classad2's message in words, followed by the message itself."""
+    words = _LEX_RE.sub(lambda m: _lex_word(m.group(0)), message)
+    words = words.replace("exptected", "expected").replace(" ,", ",")
+    for context in ("while parsing classad: ", "while parsing expression list: "):
+        words = words.replace(context, "")
+    return f"{words} (classad2: {message})"
+
+
+def _nesting_hint(text: str) -> str:
+    # A hint only: counting brackets here is not parsing, it just suggests the likely cause.
+    if max(text.count("("), text.count("["), text.count("{")) > 150:
+        return "; brackets may be nested deeper than classad2's limit (about 160 levels)"
+    return ""
+
+
+_EXPR_PROBES: Final = (
+    ('"', "unterminated string literal (missing closing '\"')"),
+    ('")', "unterminated string literal (missing closing '\"')"),
+    ("'", "unterminated quoted attribute name (missing closing \"'\")"),
+    ("*/", "unterminated /* comment"),
+    ("*/ 0", "unterminated /* comment"),
+    (")", "unbalanced brackets: missing ')'"),
+    ("))", "unbalanced brackets: missing '))'"),
+    (")))", "unbalanced brackets: missing ')))'"),
+    ("}", "unbalanced brackets: missing '}'"),
+    ("]", "unbalanced brackets: missing ']'"),
+    (" 0", "incomplete expression: an operator is missing its right-hand operand"),
+)
+
+_AD_PROBES: Final = (
+    ('"]', "unterminated string literal (missing closing '\"')"),
+    ('")]', "unterminated string literal (missing closing '\"')"),
+    ("']", "unterminated quoted attribute name (missing closing \"'\")"),
+    ("*/]", "unterminated /* comment"),
+    (")]", "unbalanced brackets: missing ')'"),
+    ("}]", "unbalanced brackets: missing '}'"),
+    ("]", "missing the closing ']' of the ad"),
+    ("]]", "unbalanced brackets: missing ']]'"),
+    (" 0]", "incomplete ad: the last attribute is missing its value"),
+)
+
+_NO_DETAIL: Final = "syntax error (classad2 gives no detail; look for a missing value, operator, quote or bracket)"
+
+
+def _diagnose_expr(text: str) -> str:
+    if len(text) <= _PROBE_LIMIT:
+        for suffix, reason in _EXPR_PROBES:
+            if _try_parse_expr(text + suffix) is not None:
+                return reason
+    try:
+        ad, _ = _parse_next("[a = " + text + "\n]", 0)
+    except (ValueError, ClassAdException):
+        ad = None
+    if ad is not None:
+        # classad2 read an ad out of our wrapper, so the expression ended early and a ']' or
+        # ';' of the text closed it or started another attribute.
+        return "unexpected text after a complete expression (an unmatched ']' or a ';')"
+    message = _classad2_message(lambda: ClassAd("[a = " + text + "\n]"))
+    if message:
+        after = _AFTER_EXPR_RE.match(message)
+        if after:
+            # The same, found by the parser: the token that follows a complete expression.
+            word = _lex_word(after.group(1)).removeprefix("a ").removeprefix("an ")
+            return f"unexpected {word} after a complete expression (trailing text or a missing operator)"
+        return _explain(message) + _nesting_hint(text)
+    return _NO_DETAIL + _nesting_hint(text)
+
+
+def _probe_ad(text: str) -> bool:
+    try:
+        ad, end = _parse_next(text, 0)
+    except (ValueError, ClassAdException):
+        return False
+    return ad is not None and end == _byte_len(text)
+
+
+def _diagnose_new(text: str) -> str:
+    body = text.lstrip(_WS)
+    if not body:
+        return "empty input"
+    if not body.startswith(("[", "/")):  # "/": classad2 skips comments before the ad
+        return "a new-syntax ClassAd must start with '['"
+    if len(text) <= _PROBE_LIMIT:
+        for suffix, reason in _AD_PROBES:
+            if _probe_ad(text.rstrip(_WS) + suffix):
+                return reason
+    message = _classad2_message(lambda: ClassAd(text))
+    if message:
+        return _explain(message) + _nesting_hint(text)
+    return _NO_DETAIL + _nesting_hint(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Guards around classad2
+# ---------------------------------------------------------------------------------------------
+
+# A conservative count of the operators in ClassAd text, used only for text longer than
+# _SAFE_LENGTH, *before* classad2 sees it: it bounds the depth of the tree classad2 would build
+# (classad2's parser itself segfaults on a chain of ~300,000 levels; its printer at ~24,000).
+# It is not a parser and nothing depends on it being exact, only on it never counting too few.
+# Unary operators, brackets, calls and ?: are left out: classad2's parser recurses for those and
+# stops at about 500 levels (_PARSER_RECURSION covers them).  What it counts are the chains the
+# parser builds in a loop: binary operators, '.' selection and '[' subscripts.  String
+# literals, quoted names and comments are blanked to "0" of the same length (their contents are
+# not operators, and positions stay put for _check_depth), then names and numbers (with
+# their exponent signs) become "0"; a '+' or '-' counts as binary when it follows the end of an
+# operand, so the "-" of "-1.5" in a long list of numbers does not count.  Where this scanner
+# could disagree with classad2's lexer (unterminated strings and comments) it counts more.
+_LITERALS_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"' r"|'[^'\\]*(?:\\.[^'\\]*)*'" r"|//[^\n]*|/\*.*?\*/", re.S)
+_WORD_OPS_RE = re.compile(r"(?<![A-Za-z_])isn?t?(?![A-Za-z0-9_])", re.I)
+_OPERANDS_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?")
+_BINARY_SIGN_RE = re.compile(r"[0)\]}]\s*[-+]")
+_SYMBOL_OPS_RE = re.compile(r"==|!=|[*/%&|^<>?:.\[]")
+_BRACKETS_RE = re.compile(r"[\[\](){}]")
+
+
+def _blank_literals(text: str) -> str:
+    return _LITERALS_RE.sub(lambda m: "0" * len(m.group(0)), text)
+
+
+def _count_operators(code: str) -> int:
+    """Operators in text already passed through _blank_literals."""
+    words = len(_WORD_OPS_RE.findall(code))
+    code = _OPERANDS_RE.sub("0", code)
+    return words + len(_BINARY_SIGN_RE.findall(code)) + len(_SYMBOL_OPS_RE.findall(code))
+
+
+_STRUCTURE_RE = re.compile(r"[\[\](){};]")
+
+
+def _check_depth(text: str, depth: int = 0, *, lines: bool = True) -> None:
+    """Refuse text that could parse to a tree deeper than MAX_TREE_DEPTH.
+
+    Call it before handing the text to classad2: parsing a deep enough chain already crashes.
+    Operators are counted per attribute, so that a big ad (or a listing of many ads) is not
+    refused for its total: the text is cut at each ';' that separates attributes of an outer
+    ad and after each outer ad's ']' (bracket depth ``depth`` at the start: 0 for ads, 1 for
+    an expression, which classad2 sees inside our "[a = ...]").  Brackets are matched outside
+    literals only; up to classad2's first syntax error its nesting and ours agree, and it
+    parses nothing after that error.
+    """
+    if len(text) <= _SAFE_LENGTH:
+        return
+    code = _blank_literals(text)
+    start = 0
+    for mark in _STRUCTURE_RE.finditer(code):
+        char = mark.group(0)
+        if char in "[({":
+            depth += 1
+        elif char == ";":
+            if depth == 1:
+                _check_piece(text, code, start, mark.start(), lines)
+                start = mark.end()
+        else:
+            depth = max(depth - 1, 0)
+            if depth == 0 and char == "]":
+                _check_piece(text, code, start, mark.end(), lines)
+                start = mark.end()
+    _check_piece(text, code, start, len(code), lines)
+
+
+def _check_piece(text: str, code: str, start: int, end: int, lines: bool) -> None:
+    if end - start <= _SAFE_LENGTH:
+        return
+    operators = _count_operators(code[start:end])
+    if operators + _PARSER_RECURSION > MAX_TREE_DEPTH:
+        piece = text[start:end]
+        first = start + len(piece) - len(piece.lstrip(_WS))
+        raise ClassAdError(
+            f"too complex: {operators} operators could build an expression tree deeper than "
+            f"{MAX_TREE_DEPTH} levels, which classad2 cannot handle without crashing",
+            piece.strip(_WS),
+            line=text.count("\n", 0, first) + 1 if lines else None,
+        )
+
+
+# classad2 reads "\ooo" octal escapes in strings and names; they can spell bytes that are not
+# UTF-8, and classad2 then raises UnicodeDecodeError whenever the value is read.  Its printer
+# writes every non-ASCII character that way, so escapes are common and must be cheap to accept.
+_OCTAL_RUN_RE = re.compile(rb"(?:\\(?:[0-3][0-7]{0,2}|[4-7][0-7]?))+")
+_OCTAL_ONE_RE = re.compile(rb"\\([0-3][0-7]{0,2}|[4-7][0-7]?)")
+
+
+def _octal_runs_are_utf8(data: bytes, start: int, end: int) -> bool:
+    # Raw text is valid UTF-8 already, so bad bytes can only come from a run of escapes; a run
+    # that is valid UTF-8 by itself stays valid next to anything valid.  Escaped backslashes
+    # ("\\303") can make a run look bad; that only sends us to the exact check.
+    for run in _OCTAL_RUN_RE.finditer(data, start, end):
+        raw = bytes(int(m, 8) & 0xFF for m in _OCTAL_ONE_RE.findall(run.group(0)))
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+    return True
+
+
+def _check_values_utf8(ad: ClassAd) -> None:
+    """Read every name and literal value once so that classad2's UnicodeDecodeError surfaces now."""
+    for key in list(ad):
+        value = ad[key]
+        stack = [value]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, ClassAd):
+                _check_values_utf8(item)
+            elif isinstance(item, list):
+                stack.extend(item)
+
+
+def _check_utf8(ad: ClassAd, data: bytes, start: int, end: int, text: str) -> None:
+    if data.find(b"\\", start, end) < 0 or _octal_runs_are_utf8(data, start, end):
+        return
+    try:
+        _check_values_utf8(ad)
+    except UnicodeDecodeError as e:
+        raise ClassAdError(f"an escape sequence makes a string or name that is not valid UTF-8 ({e.reason})", text) from None
+
+
+def _check_text(text: str) -> None:
+    if "\x00" in text:
+        raise ClassAdError(f"NUL character at position {text.index(chr(0))} (ClassAd text cannot contain NUL)", text)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ClassAdError(f"not valid Unicode text ({e.reason} at position {e.start})", text) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Public parsing API
+# ---------------------------------------------------------------------------------------------
+
+
+def _try_parse_expr(text: str) -> ExprTree | None:
+    """classad2's tree for ``text`` if the whole text is exactly one expression, else None.
+
+    classad2 has no public strict expression parser (``ExprTree("1; b = 2")`` is ``1``), so we
+    parse "[a = TEXT\\n]" and require that the ad holds one attribute and ends at our ']'.  The
+    newline stops a trailing // comment from hiding that ']'.  Only ';' can start a second
+    attribute ("1; a = 2" would still leave one attribute named a), so text containing ';' is
+    parsed once more under another name: no injected attribute can match both names.
+    """
+    wrapped = "[a = " + text + "\n]"
+    try:
+        ad, end = _parse_next(wrapped, 0)
+    except (ValueError, ClassAdException):
+        return None
+    if ad is None or end != _byte_len(wrapped) or len(ad) != 1:
+        return None
+    try:
+        expr = ad.lookup("a")
+    except KeyError:
+        return None
+    if ";" in text:
+        wrapped = "[b = " + text + "\n]"
+        try:
+            other, end = _parse_next(wrapped, 0)
+        except (ValueError, ClassAdException):
+            return None
+        if other is None or end != _byte_len(wrapped) or len(other) != 1 or "b" not in other:
+            return None
+    return expr
+
+
+def parse_expr(text: str) -> ExprTree:
+    """One ClassAd expression, e.g. ``TARGET.Memory >= 2048 && regexp("^cms", Owner)``.
+
+    Strict: empty text, text after the expression and anything classad2 cannot parse raise
+    :class:`ClassAdError`.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"expression must be str, not {type(text).__name__}")
+    if not text.strip(_WS):
+        raise ClassAdError("empty expression", text)
+    _check_text(text)
+    _check_depth(text, depth=1)
+    expr = _try_parse_expr(text)
+    if expr is None:
+        raise ClassAdError(f"invalid expression: {_diagnose_expr(text)}", text)
+    return expr
+
+
+def _parse_new_at(text: str, data: bytes, start: int) -> tuple[ClassAd, int]:
+    """The new-syntax ad at byte ``start`` of ``data`` (``text`` encoded): (ad, end offset).
+    The caller has run _check_depth on the text."""
+    try:
+        ad, end = _parse_next(text, start)
+    except (ValueError, ClassAdException):
+        ad, end = None, start
+    if ad is None:
+        rest = data[start:].decode("utf-8") if start else text
+        ad, length = _parse_empty_ad(rest)
+        if ad is None:
+            raise ClassAdError(_diagnose_new(rest), rest)
+        end = start + length
+    _check_utf8(ad, data, start, end, text if not start else data[start:end].decode("utf-8"))
+    return ad, end
+
+
+def _check_trailing(data: bytes, end: int) -> None:
+    if end < len(data) and data[end:].strip():  # bytes.strip() removes exactly C's isspace set
+        raise ClassAdError("unexpected text after the closing ']' of the ad", data[end:].decode("utf-8").strip(_WS))
+
+
+def parse_new(text: str) -> ClassAd:
+    """One new-syntax ad, ``[Name = "slot1"; Cpus = 4]``; nothing but white space may follow it."""
+    if not isinstance(text, str):
+        raise TypeError(f"ClassAd text must be str, not {type(text).__name__}")
+    _check_text(text)
+    _check_depth(text)
+    data = text.encode("utf-8")
+    ad, end = _parse_new_at(text, data, 0)
+    _check_trailing(data, end)
+    return ad
+
+
+def _old_to_new_escaping(expr: str) -> str:
+    """Rewrite an old-syntax right-hand side with new-syntax string escaping.
+
+    Old ClassAds (condor_status -long, job files) write a backslash literally, except that
+    ``\\"`` is a quote inside the string.  This is HTCondor's ConvertEscapingOldToNew
+    (compat_classad.cpp), which its own old-syntax reader applies before handing the text to
+    the new-syntax parser: double every backslash unless it escapes a quote, and a ``\\"``
+    that ends the line is a literal backslash followed by the closing quote ("C:\\dir\\").
+    The tests check that it agrees with classad2's own old-syntax parser.
+    """
+    if "\\" not in expr:
+        return expr
+    out: list[str] = []
+    i, n = 0, len(expr)
+    while True:
+        j = expr.find("\\", i)
+        if j < 0:
+            out.append(expr[i:])
+            return "".join(out)
+        out.append(expr[i:j])
+        out.append("\\")
+        i = j + 1
+        if i >= n or expr[i] != '"' or i + 1 >= n or expr[i + 1] in "\r\n":  # HTCondor's IsStringEnd
+            out.append("\\")
+
+
+def _assemble(entries: list[tuple[int, str, str, str]], names: Iterable[str]) -> tuple[ClassAd | None, str]:
+    """Parse old-syntax entries as one new-syntax ad under the given attribute names.
+
+    Each expression sits on its own line so that a // comment ends before our ';'.  The names
+    are quoted so that names the new syntax reserves (``error = 1``) still work, as they do in
+    HTCondor's old syntax.
+    """
+    text = "[\n" + "\n;\n".join(f"'{name}' = {expr}" for (_, _, expr, _), name in zip(entries, names)) + "\n]"
+    _check_depth(text, lines=False)  # the whole text: a bracket may carry a chain across lines
+    try:
+        ad, end = _parse_next(text, 0)
+    except (ValueError, ClassAdException):
+        return None, text
+    if ad is None or end != _byte_len(text):
+        return None, text
+    return ad, text
+
+
+def _parse_old_lines(lines: Iterable[tuple[int, str]]) -> ClassAd | None:
+    """An ad from (line number, line) pairs of old syntax; None if there is no attribute line."""
+    entries: list[tuple[int, str, str, str]] = []
+    for number, line in lines:
+        stripped = line.strip(_WS)
+        if not stripped or stripped.startswith("#"):
+            continue
+        name, equals, rhs = stripped.partition("=")
+        name = name.rstrip(_WS)
+        rhs = rhs.strip(_WS)
+        if not equals:
+            raise ClassAdError("expected 'Name = expression'", line, line=number)
+        if not name:
+            raise ClassAdError("missing attribute name before '='", line, line=number)
+        if not _NAME_RE.fullmatch(name):
+            raise ClassAdError(
+                f"invalid attribute name {name!r} (names are letters, digits and '_', not starting with a digit)",
+                line,
+                line=number,
+            )
+        if not rhs:
+            raise ClassAdError(f"missing value after '=' for {name}", line, line=number)
+        entries.append((number, name, _old_to_new_escaping(rhs), line))
+    if not entries:
+        return None
+
+    # Parse all lines at once (two classad2 calls rather than two per line), then make sure
+    # no line leaked into another attribute: the keys must be exactly the names we wrote.
+    ad, text = _assemble(entries, (name for _, name, _, _ in entries))
+    try:  # reading names can raise UnicodeDecodeError if a line smuggled in '\377' = 1
+        if ad is not None and {k.lower() for k in ad} != {name.lower() for _, name, _, _ in entries}:
+            ad = None
+        if ad is not None and any(";" in expr for _, _, expr, _ in entries):
+            # "a = 1; b = 2" next to a real line "b = 3" passes the check above; under names no
+            # line can contain ('#' is not allowed in a name) the injected b shows up.
+            check, _ = _assemble(entries, (f"#{i}" for i in range(len(entries))))
+            if check is None or set(check) != {f"#{i}" for i in range(len(entries))}:
+                ad = None
+    except UnicodeDecodeError:
+        ad = None
+    if ad is None:
+        for number, name, expr, line in entries:
+            if _try_parse_expr(expr) is None:
+                raise ClassAdError(f"invalid expression for {name}: {_diagnose_expr(expr)}", line, line=number)
+        first = entries[0][0]
+        raise ClassAdError("these lines do not form one ad (a comment or string spanning lines?)", entries[0][3], line=first)
+    data = text.encode("utf-8")
+    _check_utf8(ad, data, 0, len(data), text)
+    return ad
+
+
+def parse_old(text: str) -> ClassAd:
+    """One old-syntax ad: a ``Name = expression`` per line, as condor_status -long prints.
+
+    Blank lines and lines starting with '#' are ignored.  Names are HTCondor attribute names
+    (letters, digits, '_', not starting with a digit); each expression must parse completely
+    with classad2.  Strings use old-syntax escaping (see :func:`_old_to_new_escaping`).  A bad
+    line raises :class:`ClassAdError` naming its line number.  A later line for the same name
+    (any case) replaces an earlier one, as in HTCondor.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"ClassAd text must be str, not {type(text).__name__}")
+    _check_text(text)
+    ad = _parse_old_lines(enumerate(text.split("\n"), start=1))
+    if ad is None:
+        raise ClassAdError("empty input: no 'Name = expression' line", text)
+    return ad
+
+
+def parse_ad(text: str) -> ClassAd:
+    """One ad in either syntax: new if the first non-space character is '[', else old."""
+    if not isinstance(text, str):
+        raise TypeError(f"ClassAd text must be str, not {type(text).__name__}")
+    if not text.strip(_WS):
+        raise ClassAdError("empty input", text)
+    if text.lstrip(_WS).startswith("["):
+        return parse_new(text)
+    return parse_old(text)
+
+
+def parse_ads(text: str) -> list[ClassAd]:
+    """Several ads: new-syntax ads back to back (white space between them), or old-syntax ads
+    separated by blank lines (condor_status -long output).  Empty text gives an empty list."""
+    if not isinstance(text, str):
+        raise TypeError(f"ClassAd text must be str, not {type(text).__name__}")
+    _check_text(text)
+    body = text.lstrip(_WS)
+    if not body:
+        return []
+    ads: list[ClassAd] = []
+    if body.startswith("["):
+        _check_depth(text)
+        data = text.encode("utf-8")
+        pos = _WS_BYTES_RE.match(data).end()  # type: ignore[union-attr]
+        while pos < len(data):
+            try:
+                ad, pos = _parse_new_at(text, data, pos)
+            except ClassAdError as e:
+                line = data.count(b"\n", 0, pos) + 1
+                raise ClassAdError(f"ad {len(ads) + 1}: {e.reason}", e.text, line=line) from None
+            ads.append(ad)
+            pos = _WS_BYTES_RE.match(data, pos).end()  # type: ignore[union-attr]
+        return ads
+    block: list[tuple[int, str]] = []
+    for number, line in enumerate([*text.split("\n"), ""], start=1):
+        if line.strip(_WS):
+            block.append((number, line))
+        elif block:
+            ad = _parse_old_lines(block)
+            if ad is not None:  # a block of comments only is not an ad
+                ads.append(ad)
+            block = []
+    return ads
+
+
+# ---------------------------------------------------------------------------------------------
+# Wire form
+# ---------------------------------------------------------------------------------------------
+
+# classad2 prints every nonzero real as "%.15E" (16 significant digits: 0.1 + 0.2 comes back as
+# 0.3) and infinities/NaN as real("INF"); a NUL it prints as \000, which it cannot read back.
+# The pattern starts with a literal '.' so that re can scan for it quickly: a pattern starting
+# with [0-9] cost 20 us on a typical slot ad full of digits, more than printing it.
+_REAL_RE = re.compile(r"\.[0-9]{15}E")
+
+
+def _printer_is_exact(text: str) -> bool:
+    return _REAL_RE.search(text) is None and "real(" not in text and "\\000" not in text
+
+
+@functools.lru_cache(maxsize=4096)  # the same few hundred attribute names recur in every ad
+def _encode_name(name: str) -> str:
+    if _NAME_RE.fullmatch(name) and name.lower() not in _RESERVED:
+        return name
+    return "'" + name.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def quote(value: str) -> str:
+    """``value`` as a ClassAd string literal, for building expressions without injection:
+    ``f"GLIDEIN_Site == {quote(site)}"``.  Newlines and non-ASCII text are kept as they are."""
+    if "\x00" in value:
+        raise ClassAdError("NUL character (ClassAd strings cannot contain NUL)", value)
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _unparse(value: object) -> str:
+    """classad2's own text for a literal we do not write ourselves (absolute times)."""
+    holder = ClassAd()
+    holder["v"] = value
+    return repr(holder.lookup("v"))
+
+
+def _encode_value(value: object) -> str:
+    kind = type(value)
+    if kind is str:
+        return quote(value)  # type: ignore[arg-type]
+    if kind is bool:
+        return "true" if value else "false"
+    if kind is int:
+        return str(value)
+    if kind is float:
+        if math.isfinite(value):  # type: ignore[arg-type]
+            return repr(value)  # shortest text that reads back as the same double
+        return 'real("NaN")' if math.isnan(value) else ('real("INF")' if value > 0 else 'real("-INF")')  # type: ignore[operator]
+    if isinstance(value, Value):  # an IntEnum: test before anything int-like
+        return "undefined" if value is Value.Undefined else "error"
+    if isinstance(value, ExprTree):
+        return repr(value)  # an expression: classad2's printer (reals inside keep 16 digits)
+    if isinstance(value, ClassAd):
+        return _encode_ad_text(value)
+    if isinstance(value, list):
+        return "{" + ", ".join(_encode_value(item) for item in value) + "}"
+    return _unparse(value)
+
+
+def _encode_ad_text(ad: ClassAd) -> str:
+    return "[" + "; ".join(f"{_encode_name(name)} = {_encode_value(ad[name])}" for name in ad) + "]"
+
+
+def encode(ad: ClassAd) -> bytes:
+    """The wire form of ``ad``: compact new-syntax text in UTF-8, read back by :func:`decode`.
+
+    Round-trips exactly: strings (quotes, backslashes, newlines, any Unicode except NUL, which
+    ClassAds cannot hold), lists, nested ads, UNDEFINED/ERROR, expressions, and literal reals
+    bit for bit.  Reals *inside expressions* keep classad2's 16 significant digits, and a
+    literal infinity or NaN comes back as the expression ``real("INF")``, as in HTCondor.
+    """
+    if not isinstance(ad, ClassAd):
+        raise TypeError(f"expected a ClassAd, not {type(ad).__name__}")
+    text = repr(ad)  # classad2's compact printer: the fast path when it is exact
+    if _printer_is_exact(text):
+        return text.encode("utf-8")
+    try:
+        return _encode_ad_text(ad).encode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ClassAdError(f"the ad holds a string that is not valid UTF-8 ({e.reason})") from None
+
+
+def decode(data: bytes) -> ClassAd:
+    """The ad :func:`encode` wrote, or any single new-syntax ad in UTF-8.
+
+    Strict: invalid UTF-8, NUL, a syntax error, anything but white space after the ad, and
+    expressions too deep for classad2 raise :class:`ClassAdError` (and nothing else does).
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"expected bytes, not {type(data).__name__}")
+    data = bytes(data)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ClassAdError(f"not valid UTF-8 (byte {e.start}: {e.reason})", data) from None
+    if "\x00" in text:
+        raise ClassAdError(f"NUL byte at offset {data.index(0)} (ClassAd text cannot contain NUL)", data)
+    _check_depth(text)
+    ad, end = _parse_new_at(text, data, 0)
+    _check_trailing(data, end)
+    return ad
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation and matching
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_true(value: object) -> bool:
+    """HTCondor's test of a constraint or Requirements value (classad::Value::IsBooleanValueEquiv
+    with the old-ClassAd semantics its daemons run with, as condor_q -constraint and the
+    matchmaker use): a boolean is itself, a nonzero integer or real is true, anything else
+    (UNDEFINED, ERROR, strings, lists, ads) is false."""
+    kind = type(value)  # exact types: bool is an int, and classad2's Value is an IntEnum
+    if kind is bool:
+        return value  # type: ignore[return-value]
+    if kind is int or kind is float:
+        return value != 0  # NaN != 0, as in C: HTCondor counts NaN as true
+    return False
+
+
+def _eval(expr: ExprTree, scope: ClassAd | None, target: ClassAd | None) -> object:
+    """classad2's value; ERROR if classad2 itself fails (e.g. its evaluation depth limit) or
+    produces a string that is not UTF-8."""
+    try:
+        return expr.eval(scope, target)
+    except (ClassAdException, UnicodeDecodeError):
+        return Value.Error
+
+
+class Constraint:
+    """A constraint parsed once and evaluated many times: ``Constraint.matches(ad)``.
+
+    No text (None, or only white space) matches every ad.  Otherwise the result is true only if
+    the expression evaluates, with MY = the ad (and TARGET = ``target`` if given), to true or
+    to a nonzero number, as condor_q -constraint and condor_status -constraint count it.
+    UNDEFINED, ERROR and other values are false.
+    """
+
+    __slots__ = ("text", "expr")
+
+    def __init__(self, text: str | None, expr: ExprTree | None) -> None:
+        self.text = text
+        self.expr = expr
+
+    def matches(self, ad: ClassAd, target: ClassAd | None = None) -> bool:
+        if self.expr is None:
+            return True
+        return _is_true(_eval(self.expr, ad, target))
+
+    __call__ = matches
+
+    def __repr__(self) -> str:
+        return f"Constraint({self.text!r})"
+
+
+_MATCH_ALL: Final = Constraint(None, None)
+
+
+@functools.lru_cache(maxsize=512)
+def _compile_cached(text: str) -> Constraint:
+    # The collector is handed the same few constraint strings over and over.
+    return Constraint(text, parse_expr(text))
+
+
+def compile_constraint(text: str | None) -> Constraint:
+    """Parse a constraint once (see :class:`Constraint`); a bad one raises :class:`ClassAdError`."""
+    if text is None:
+        return _MATCH_ALL
+    if not isinstance(text, str):
+        raise TypeError(f"constraint must be str or None, not {type(text).__name__}")
+    if not text.strip(_WS):
+        return _MATCH_ALL
+    return _compile_cached(text)
+
+
+def evaluate_constraint(constraint: ExprTree | str | Constraint | None, ad: ClassAd) -> bool:
+    """Whether ``ad`` satisfies ``constraint`` (see :class:`Constraint` for what counts as true).
+
+    A string is compiled (and cached); an unparsable one raises :class:`ClassAdError` rather than
+    quietly matching nothing.
+    """
+    if isinstance(constraint, Constraint):
+        return constraint.matches(ad)
+    if isinstance(constraint, ExprTree):
+        return _is_true(_eval(constraint, ad, None))
+    return compile_constraint(constraint).matches(ad)
+
+
+def _requirements_met(ad: ClassAd, other: ClassAd) -> bool:
+    try:
+        requirements = ad.lookup("Requirements")
+    except KeyError:
+        return True  # no Requirements: no conditions on the other side
+    return _is_true(_eval(requirements, ad, other))
+
+
+def symmetric_match(a: ClassAd, b: ClassAd) -> bool:
+    """Matchmaking: ``a``'s Requirements hold with MY = a and TARGET = b, and ``b``'s hold the
+    other way round.  A missing Requirements counts as true (classad2's own symmetricMatch
+    counts it as false); UNDEFINED and ERROR count as false."""
+    return _requirements_met(a, b) and _requirements_met(b, a)
+
+
+def rank(a: ClassAd, b: ClassAd) -> float:
+    """``a``'s Rank evaluated with MY = a and TARGET = b, as a float.
+
+    A boolean counts as 1.0/0.0, as HTCondor's EvalFloat does (``Rank = Owner == "x"`` is common).
+    A missing Rank, UNDEFINED, ERROR, NaN and any other non-number give 0.0.
+    """
+    try:
+        expr = a.lookup("Rank")
+    except KeyError:
+        return 0.0
+    value = _eval(expr, a, b)
+    kind = type(value)
+    if kind is bool or kind is int or kind is float:
+        result = float(value)  # type: ignore[arg-type]
+        return 0.0 if math.isnan(result) else result
+    return 0.0
+
+
+def _names(attributes: Iterable[str]) -> set[str]:
+    if isinstance(attributes, str):  # a lone name would otherwise be taken letter by letter
+        raise TypeError("attributes must be an iterable of names, not a single str")
+    return {name.lower() for name in attributes}
+
+
+def project(ad: ClassAd, attributes: Iterable[str]) -> ClassAd:
+    """A new ad with only ``attributes`` (matched ignoring case, as ClassAds do; names keep the
+    ad's spelling); names the ad lacks are skipped."""
+    wanted = _names(attributes)
+    result = ClassAd()
+    for name in ad:
+        if name.lower() in wanted:
+            result[name] = ad.lookup(name)  # classad2 copies the tree
+    return result
+
+
+def without(ad: ClassAd, attributes: Iterable[str]) -> ClassAd:
+    """A copy of ``ad`` without ``attributes`` (ignoring case), e.g. to hide private ones."""
+    hidden = _names(attributes)
+    result = ClassAd()
+    for name in ad:
+        if name.lower() not in hidden:
+            result[name] = ad.lookup(name)
+    return result
+
+
+def evaluate(ad: ClassAd, attribute: str, target: ClassAd | None = None) -> object:
+    """The value of ``attribute`` with MY = ad (and TARGET = ``target``), expressions evaluated.
+
+    Missing or UNDEFINED gives None; ERROR gives :data:`ERROR` (false, prints as "error").
+    Other values are classad2's: bool, int, float, str, list, ClassAd, datetime.
+    """
+    try:
+        expr = ad.lookup(attribute)
+    except KeyError:
+        return None
+    value = _eval(expr, ad, target)
+    if isinstance(value, Value):
+        return None if value is Value.Undefined else ERROR
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Output for people and scripts
+# ---------------------------------------------------------------------------------------------
+
+
+def _expr_marker(text: str) -> str:
+    return f"/Expr({text})/"
+
+
+def _to_json_value(value: object) -> object:
+    kind = type(value)
+    if kind is str or kind is bool or kind is int:
+        return value
+    if kind is float:
+        return value if math.isfinite(value) else _expr_marker(_encode_value(value))  # type: ignore[arg-type]
+    if isinstance(value, Value):
+        return None if value is Value.Undefined else _expr_marker("error")
+    if isinstance(value, ExprTree):
+        return _expr_marker(repr(value))
+    if isinstance(value, ClassAd):
+        return to_python(value)
+    if isinstance(value, list):
+        return [_to_json_value(item) for item in value]
+    return _expr_marker(_unparse(value))
+
+
+def to_python(ad: ClassAd) -> dict[str, object]:
+    """The ad as JSON-ready Python values, the way condor_q -json writes it.
+
+    Literals become JSON values (UNDEFINED is null, nested ads are objects, lists are arrays).
+    Anything else keeps its ClassAd text inside HTCondor's marker, ``"/Expr(TARGET.Cpus > 1)/"``
+    (condor_q prints the slashes JSON-escaped, "\\/Expr(...)\\/", which is the same string):
+    so a reader can tell an expression from a string, and classad2's JSON parser reads it back.
+    ERROR is ``"/Expr(error)/"``; absolute times and non-finite reals are expressions too.
+    """
+    try:
+        return {name: _to_json_value(ad[name]) for name in ad}
+    except UnicodeDecodeError as e:
+        raise ClassAdError(f"the ad holds a string that is not valid UTF-8 ({e.reason})") from None
+
+
+def format_old(ad: ClassAd) -> str:
+    """``Name = value`` lines sorted by name (ignoring case), as condor_status -long prints.
+
+    The lines are classad2's old-syntax printer's, so they use old-syntax escaping and read
+    back with :func:`parse_old`; like HTCondor's, a string containing a newline is printed
+    with that newline in it.
+    """
+    lines = []
+    for name in sorted(ad, key=str.lower):
+        single = ClassAd()
+        single[name] = ad.lookup(name)
+        lines.append(single.printOld().rstrip("\n"))
+    return "".join(line + "\n" for line in lines)
