@@ -4,20 +4,22 @@ Every parse and every evaluation is done by ``classad2`` (shipped in the ``htcon
 three-valued logic, ``MY.``/``TARGET.``, ``=?=``, the function library, all exactly as in
 HTCondor.  This module adds only what classad2 does not do for us:
 
-* **Strictness.**  ``classad2.ClassAd(text)`` ignores anything after the closing ``]`` and the
-  old-syntax parser silently drops bad lines; ``ExprTree(text)`` accepts ``1; b = 2``.  Input
-  that arrives from the network or from a user must be rejected instead, with an error that
-  says what and where (DESIGN.md: "bad input anywhere gets an error that names what was wrong
-  and where").  We get that by asking classad2 how many bytes it consumed and by parsing the
-  text inside a wrapper we control; we never tokenise or parse ClassAd text ourselves.
+* **Strictness.**  ``classad2.ClassAd(text)`` ignores anything after the closing ``]``, the
+  old-syntax parser silently drops bad lines, ``ExprTree(text)`` accepts ``1; b = 2``, and
+  classad2's parse-next entry point is HTCondor's *file* reader (it skips a leading ``{``,
+  and after an empty ``[]`` it reads the following lines as old syntax).  Input from the
+  network or from a user must be rejected instead, with an error that says what and where
+  (DESIGN.md).  We get that from classad2's own ad parser by appending an attribute with a
+  secret name just before the final ``]``: it is in the parsed ad exactly when the ad ran
+  to the end of the text.  We never tokenise or parse ClassAd text ourselves.
 * **Exact wire form.**  classad2 prints reals with 16 significant digits, which does not
   round-trip a double; :func:`encode` writes literal reals itself (Python's shortest exact
   ``repr``) and leaves everything else to classad2's printer.
 * **A guard against classad2 crashes.**  The parser limits bracket nesting (about 165 levels),
   but a left-associative chain such as ``1+1+...+1`` parses to a tree as deep as it is long,
-  and classad2's printer, copier and evaluator recurse over it: at about 24,000 levels the
-  process dies with SIGSEGV (measured with the default 8 MB stack).  Parsed text that could
-  hold a tree deeper than :data:`MAX_TREE_DEPTH` is refused.
+  and classad2 recurses over it: its printer, copier and evaluator die with SIGSEGV at about
+  24,000 levels, its parser at about 300,000 (default 8 MB stack).  Text that could hold a
+  tree deeper than :data:`MAX_TREE_DEPTH` is refused before classad2 sees it.
 * **HTCondor's conventions** where classad2 leaves them to the caller: how a constraint's
   non-boolean value counts (like condor_q), old-syntax string escaping (like
   condor_status -long), and JSON output (like condor_q -json).
@@ -29,18 +31,15 @@ assume the Twisted way of calling it from one thread at a time.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import re
+import secrets
 from collections.abc import Callable, Iterable, Iterator
 from typing import Final
 
 import classad2
 from classad2 import ClassAdException, Value
-
-try:  # the function behind classad2.parseNext/parseAds; it also reports the bytes consumed
-    from classad2.classad2_impl import _classad_parse_next
-except ImportError:  # pragma: no cover - exercised by monkeypatching in the tests
-    _classad_parse_next = None
 
 __all__ = [
     "ClassAd",
@@ -85,13 +84,18 @@ _SAFE_LENGTH: Final = 2 * (MAX_TREE_DEPTH - _PARSER_RECURSION)
 _PROBE_LIMIT: Final = 64 * 1024
 _EXCERPT: Final = 80
 
-_NEW: Final = int(classad2.ParserType.New)
 _WS: Final = " \t\n\r\v\f"  # C isspace(), which is what classad2's lexer skips
-_WS_BYTES_RE = re.compile(rb"[ \t\n\r\v\f]*")
 # HTCondor attribute names as old-syntax files and condor_status -long spell them.
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Names classad2 can only write quoted (checked against its printer: 'true' = 1, ...).
 _RESERVED: Final = frozenset({"true", "false", "undefined", "error", "is", "isnt", "parent"})
+
+# The end marker: an attribute appended just before the last ']' of text we parse.  Input
+# cannot name it (the name is random per process and never leaves it), so it appears in the
+# parsed ad only if the ad did not close before it, i.e. if the ad runs to the end.  The
+# newline ends a // comment first; classad2 accepts the ';' even after a ';' or a '['.
+_END_NAME: Final = "_gwms_end_" + secrets.token_hex(16)
+_END_ATTRIBUTE: Final = f"\n;'{_END_NAME}' = 1\n]"
 
 
 class ClassAdError(ValueError):
@@ -145,74 +149,53 @@ ERROR: Final = _ErrorValue()
 
 
 # ---------------------------------------------------------------------------------------------
-# Parsing one new-syntax ad with classad2, knowing where it ended
+# Parsing with classad2, strictly
 # ---------------------------------------------------------------------------------------------
 
 
-class _OffsetRecorder:
-    """A minimal "file" for classad2.parseAds: it hands over the text and records the offset
-    parseAds seeks to after an ad, which is the number of bytes classad2 consumed."""
+def _parse_to_end(body: str) -> ClassAd | None:
+    """classad2's ad for ``body`` + the end marker, if the ad reached the marker; else None.
 
-    __slots__ = ("_text", "offset")
-
-    def __init__(self, text: str) -> None:
-        self._text = text
-        self.offset = 0
-
-    def __iter__(self) -> Iterator[str]:
-        return iter((self._text,))
-
-    def tell(self) -> int:
-        return 0
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        self.offset = offset
-        return offset
-
-
-def _parse_next(text: str, start: int) -> tuple[ClassAd | None, int]:
-    """One new-syntax ad from UTF-8 byte offset ``start``: (ad or None, byte offset after it).
-
-    None means classad2 found no ad there: a syntax error, or the empty ad "[]", which its
-    parse-next entry point does not return.  Raises ValueError/ClassAdException for other
-    syntax errors.  The private entry point is what classad2's public parseNext/parseAds use;
-    if a later htcondor drops it we fall back on parseAds itself (about 4 us slower).
+    ``body`` is text up to (without) the ']' that must close the ad.
     """
-    if _classad_parse_next is not None:
-        ad, consumed = _classad_parse_next(text, _NEW, start)
-        return ad, start + consumed
-    if start:
-        text = text.encode("utf-8")[start:].decode("utf-8")
-    recorder = _OffsetRecorder(text)
-    ad = next(classad2.parseAds(recorder, classad2.ParserType.New), None)  # type: ignore[arg-type]
-    return ad, start + recorder.offset
-
-
-def _byte_len(text: str) -> int:
-    return len(text) if text.isascii() else len(text.encode("utf-8"))
-
-
-_PROBE_NAME: Final = "_gwms_probe_"
-
-
-def _parse_empty_ad(text: str) -> tuple[ClassAd | None, int]:
-    """Recognise "[ ]" (possibly with comments inside), which classad2's parse-next skips.
-
-    We put a known attribute inside the brackets and let classad2 parse that: if the result
-    holds exactly our attribute, the original was an empty ad ending at the same place.
-    """
-    body = text.lstrip(_WS)
-    if not body.startswith("["):
-        return None, 0
-    prefix = f"[{_PROBE_NAME} = 0;"
     try:
-        ad, end = _parse_next(prefix + body[1:], 0)
-    except (ValueError, ClassAdException):
-        return None, 0
-    if ad is None or len(ad) != 1 or _PROBE_NAME not in ad:
-        return None, 0
-    leading = len(text) - len(body)  # whitespace is ASCII: characters are bytes here
-    return ClassAd(), leading + end - (len(prefix) - 1)
+        ad = ClassAd(body + _END_ATTRIBUTE)
+    except (ClassAdException, ValueError):
+        return None
+    if _END_NAME not in ad:
+        return None  # the ad closed earlier: something follows it
+    del ad[_END_NAME]
+    return ad
+
+
+def _parse_whole_ad(text: str) -> ClassAd | None:
+    """classad2's ad if ``text`` is exactly one new-syntax ad (white space around it), else None."""
+    body = text.rstrip(_WS)
+    if not body.endswith("]"):
+        return None
+    return _parse_to_end(body[:-1])
+
+
+def _try_parse_expr(text: str) -> ExprTree | None:
+    """classad2's tree for ``text`` if the whole text is exactly one expression, else None.
+
+    classad2 has no public strict expression parser (``ExprTree("1; b = 2")`` is ``1``), so we
+    parse "[a = TEXT" + end marker and require the marker and exactly one other attribute.
+    A ';' in the text could still redefine a itself ("1; a = 2"), so text containing ';' is
+    parsed once more under another name: no injected attribute can match both names.
+    """
+    ad = _parse_to_end("[a = " + text)
+    if ad is None or len(ad) != 1:
+        return None
+    try:
+        expr = ad.lookup("a")
+    except KeyError:
+        return None
+    if ";" in text:
+        other = _parse_to_end("[b = " + text)
+        if other is None or len(other) != 1 or "b" not in other:
+            return None
+    return expr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,15 +291,15 @@ _EXPR_PROBES: Final = (
 )
 
 _AD_PROBES: Final = (
-    ('"]', "unterminated string literal (missing closing '\"')"),
-    ('")]', "unterminated string literal (missing closing '\"')"),
-    ("']", "unterminated quoted attribute name (missing closing \"'\")"),
-    ("*/]", "unterminated /* comment"),
-    (")]", "unbalanced brackets: missing ')'"),
-    ("}]", "unbalanced brackets: missing '}'"),
-    ("]", "missing the closing ']' of the ad"),
-    ("]]", "unbalanced brackets: missing ']]'"),
-    (" 0]", "incomplete ad: the last attribute is missing its value"),
+    ('"', "unterminated string literal (missing closing '\"')"),
+    ('")', "unterminated string literal (missing closing '\"')"),
+    ("'", "unterminated quoted attribute name (missing closing \"'\")"),
+    ("*/", "unterminated /* comment"),
+    (")", "unbalanced brackets: missing ')'"),
+    ("}", "unbalanced brackets: missing '}'"),
+    ("", "missing the closing ']' of the ad"),
+    ("]", "unbalanced brackets: missing ']]'"),
+    (" 0", "incomplete ad: the last attribute is missing its value"),
 )
 
 _NO_DETAIL: Final = "syntax error (classad2 gives no detail; look for a missing value, operator, quote or bracket)"
@@ -328,12 +311,12 @@ def _diagnose_expr(text: str) -> str:
             if _try_parse_expr(text + suffix) is not None:
                 return reason
     try:
-        ad, _ = _parse_next("[a = " + text + "\n]", 0)
-    except (ValueError, ClassAdException):
-        ad = None
-    if ad is not None:
-        # classad2 read an ad out of our wrapper, so the expression ended early and a ']' or
-        # ';' of the text closed it or started another attribute.
+        ClassAd("[a = " + text + "\n]")
+    except (ClassAdException, ValueError):
+        pass
+    else:
+        # classad2 read an ad out of "[a = TEXT]", so the expression ended early and a ']'
+        # or ';' of the text closed it or started another attribute.
         return "unexpected text after a complete expression (an unmatched ']' or a ';')"
     message = _classad2_message(lambda: ClassAd("[a = " + text + "\n]"))
     if message:
@@ -346,23 +329,18 @@ def _diagnose_expr(text: str) -> str:
     return _NO_DETAIL + _nesting_hint(text)
 
 
-def _probe_ad(text: str) -> bool:
-    try:
-        ad, end = _parse_next(text, 0)
-    except (ValueError, ClassAdException):
-        return False
-    return ad is not None and end == _byte_len(text)
-
-
 def _diagnose_new(text: str) -> str:
-    body = text.lstrip(_WS)
+    body = text.strip(_WS)
     if not body:
         return "empty input"
     if not body.startswith(("[", "/")):  # "/": classad2 skips comments before the ad
         return "a new-syntax ClassAd must start with '['"
+    end = _first_ad_end(text)
+    if end is not None and text[end:].strip(_WS) and _parse_whole_ad(text[:end]) is not None:
+        return "unexpected text after the closing ']' of the ad"
     if len(text) <= _PROBE_LIMIT:
         for suffix, reason in _AD_PROBES:
-            if _probe_ad(text.rstrip(_WS) + suffix):
+            if _parse_to_end(body + suffix) is not None:
                 return reason
     message = _classad2_message(lambda: ClassAd(text))
     if message:
@@ -370,42 +348,88 @@ def _diagnose_new(text: str) -> str:
     return _NO_DETAIL + _nesting_hint(text)
 
 
+def _syntax_error(text: str) -> ClassAdError:
+    reason = _diagnose_new(text)
+    if reason.startswith("unexpected text after"):
+        end = _first_ad_end(text)
+        return ClassAdError(reason, text[end:].strip(_WS))  # quote what follows the ad
+    return ClassAdError(reason, text)
+
+
 # ---------------------------------------------------------------------------------------------
-# Guards around classad2
+# Looking at text without parsing it: literals, brackets and operators
 # ---------------------------------------------------------------------------------------------
 
-# A conservative count of the operators in ClassAd text, used only for text longer than
-# _SAFE_LENGTH, *before* classad2 sees it: it bounds the depth of the tree classad2 would build
-# (classad2's parser itself segfaults on a chain of ~300,000 levels; its printer at ~24,000).
-# It is not a parser and nothing depends on it being exact, only on it never counting too few.
-# Unary operators, brackets, calls and ?: are left out: classad2's parser recurses for those and
-# stops at about 500 levels (_PARSER_RECURSION covers them).  What it counts are the chains the
-# parser builds in a loop: binary operators, '.' selection and '[' subscripts.  String
-# literals, quoted names and comments are blanked to "0" of the same length (their contents are
-# not operators, and positions stay put for _check_depth), then names and numbers (with
-# their exponent signs) become "0"; a '+' or '-' counts as binary when it follows the end of an
-# operand, so the "-" of "-1.5" in a long list of numbers does not count.  Where this scanner
-# could disagree with classad2's lexer (unterminated strings and comments) it counts more.
-_LITERALS_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"' r"|'[^'\\]*(?:\\.[^'\\]*)*'" r"|//[^\n]*|/\*.*?\*/", re.S)
-_WORD_OPS_RE = re.compile(r"(?<![A-Za-z_])isn?t?(?![A-Za-z0-9_])", re.I)
-_OPERANDS_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?")
-_BINARY_SIGN_RE = re.compile(r"[0)\]}]\s*[-+]")
-_SYMBOL_OPS_RE = re.compile(r"==|!=|[*/%&|^<>?:.\[]")
-_BRACKETS_RE = re.compile(r"[\[\](){}]")
+# String literals, quoted names and comments, found so that brackets and operators inside them
+# are not taken for code.  This matches classad2's lexer on text it accepts; where it cannot
+# agree (an unterminated string or comment) the text after it is looked at as code, which
+# only ever makes the counts below bigger and the pieces below fail to parse.
+_LITERALS_RE = re.compile(r'("[^"\\]*(?:\\.[^"\\]*)*"' r"|'[^'\\]*(?:\\.[^'\\]*)*')|//[^\n]*|/\*.*?\*/", re.S)
+_STRUCTURE_RE = re.compile(r"[\[\](){};]")
+
+
+def _blank(match: re.Match[str]) -> str:
+    # A literal becomes '#'s (an operand that no ClassAd character looks like), a comment
+    # becomes white space, as the lexer treats it; lengths stay, so offsets still match.
+    return ("#" if match.group(1) else " ") * len(match.group(0))
 
 
 def _blank_literals(text: str) -> str:
-    return _LITERALS_RE.sub(lambda m: "0" * len(m.group(0)), text)
+    """``text`` with every literal and comment blanked out, offsets unchanged."""
+    return _LITERALS_RE.sub(_blank, text)
 
 
-def _count_operators(code: str) -> int:
-    """Operators in text already passed through _blank_literals."""
-    words = len(_WORD_OPS_RE.findall(code))
-    code = _OPERANDS_RE.sub("0", code)
-    return words + len(_BINARY_SIGN_RE.findall(code)) + len(_SYMBOL_OPS_RE.findall(code))
+_BRACKETS_RE = re.compile(r"[\[\](){}]")
 
 
-_STRUCTURE_RE = re.compile(r"[\[\](){};]")
+def _ad_ends(code: str) -> Iterator[int]:
+    """Offsets just after each ']' that closes an outermost bracket in blanked text."""
+    depth = 0
+    for mark in _BRACKETS_RE.finditer(code):
+        char = mark.group(0)
+        if char in "[({":
+            depth += 1
+        else:
+            depth = max(depth - 1, 0)
+            if depth == 0 and char == "]":
+                yield mark.end()
+
+
+def _first_ad_end(text: str) -> int | None:
+    return next(_ad_ends(_blank_literals(text)), None)
+
+
+# A conservative count of the operators in ClassAd text, used only for text longer than
+# _SAFE_LENGTH, *before* classad2 sees it, to bound the depth of the tree classad2 would build.
+# Nothing depends on it being exact, only on it never counting too few (a property test checks
+# that on generated chains).  Unary operators, brackets, calls and ?: are left out: classad2's
+# parser recurses for those and stops at about 500 levels (_PARSER_RECURSION covers them).
+# What it counts are the chains the parser builds in a loop: binary operators, '.' selection
+# (but not the '.' of a number) and '[' subscripts.  A '+' or '-' counts as binary when it
+# follows a whole name, number, literal or closing bracket, so neither the "-" of "-1.5" in a
+# long list of numbers nor the "+" of "1e+5" does: the atomic group keeps a number whole, and
+# the lookbehind stops a match from starting inside a name or number ("x1e+5" still counts).
+_WORD_OPS_RE = re.compile(r"(?<![A-Za-z_])[iI][sS](?:[nN][tT])?(?![A-Za-z0-9_])")
+_BINARY_SIGN_RE = re.compile(
+    r"(?:(?<![A-Za-z0-9_#])(?>[A-Za-z_][A-Za-z0-9_]*|[0-9][0-9.]*(?:[eE][+-]?[0-9]+)?|#+)|[)\]}])"
+    r"[ \t\n\r\v\f]*[-+]"
+)
+_SYMBOL_OPS_RE = re.compile(r"==|!=|[*/%&|^<>?:\[]|\.(?![0-9])")
+_MAX_OPERATORS: Final = MAX_TREE_DEPTH - _PARSER_RECURSION
+
+
+def _count_operators(code: str, cap: int = _MAX_OPERATORS) -> int:
+    """Operators in blanked text, counting no further than just past ``cap``."""
+    total = 0
+    for pattern in (_SYMBOL_OPS_RE, _BINARY_SIGN_RE, _WORD_OPS_RE):
+        total += sum(1 for _ in itertools.islice(pattern.finditer(code), cap - total + 1))
+        if total > cap:
+            break
+    return total
+
+
+def _too_many_operators(code: str) -> bool:
+    return _count_operators(code) > _MAX_OPERATORS
 
 
 def _check_depth(text: str, depth: int = 0, *, lines: bool = True) -> None:
@@ -417,11 +441,13 @@ def _check_depth(text: str, depth: int = 0, *, lines: bool = True) -> None:
     ad and after each outer ad's ']' (bracket depth ``depth`` at the start: 0 for ads, 1 for
     an expression, which classad2 sees inside our "[a = ...]").  Brackets are matched outside
     literals only; up to classad2's first syntax error its nesting and ours agree, and it
-    parses nothing after that error.
+    builds nothing after that error.
     """
     if len(text) <= _SAFE_LENGTH:
         return
     code = _blank_literals(text)
+    if not _too_many_operators(code):
+        return  # few enough in total: no need to find the attribute they belong to
     start = 0
     for mark in _STRUCTURE_RE.finditer(code):
         char = mark.group(0)
@@ -440,33 +466,36 @@ def _check_depth(text: str, depth: int = 0, *, lines: bool = True) -> None:
 
 
 def _check_piece(text: str, code: str, start: int, end: int, lines: bool) -> None:
-    if end - start <= _SAFE_LENGTH:
+    if end - start <= _SAFE_LENGTH or not _too_many_operators(code[start:end]):
         return
-    operators = _count_operators(code[start:end])
-    if operators + _PARSER_RECURSION > MAX_TREE_DEPTH:
-        piece = text[start:end]
-        first = start + len(piece) - len(piece.lstrip(_WS))
-        raise ClassAdError(
-            f"too complex: {operators} operators could build an expression tree deeper than "
-            f"{MAX_TREE_DEPTH} levels, which classad2 cannot handle without crashing",
-            piece.strip(_WS),
-            line=text.count("\n", 0, first) + 1 if lines else None,
-        )
+    piece = text[start:end]
+    first = start + len(piece) - len(piece.lstrip(_WS))
+    raise ClassAdError(
+        f"too complex: more than {_MAX_OPERATORS} operators in one attribute could build an expression "
+        f"tree deeper than {MAX_TREE_DEPTH} levels, which classad2 cannot handle without crashing",
+        piece.strip(_WS),
+        line=text.count("\n", 0, first) + 1 if lines else None,
+    )
 
+
+# ---------------------------------------------------------------------------------------------
+# Checks on text and on parsed ads
+# ---------------------------------------------------------------------------------------------
 
 # classad2 reads "\ooo" octal escapes in strings and names; they can spell bytes that are not
-# UTF-8, and classad2 then raises UnicodeDecodeError whenever the value is read.  Its printer
-# writes every non-ASCII character that way, so escapes are common and must be cheap to accept.
-_OCTAL_RUN_RE = re.compile(rb"(?:\\(?:[0-3][0-7]{0,2}|[4-7][0-7]?))+")
-_OCTAL_ONE_RE = re.compile(rb"\\([0-3][0-7]{0,2}|[4-7][0-7]?)")
+# UTF-8, and classad2 then raises UnicodeDecodeError (or SystemError, for a name) whenever the
+# value is read.  Its printer writes every non-ASCII character that way, so escapes are common
+# and must be cheap to accept.
+_OCTAL_RUN_RE = re.compile(r"(?:\\(?:[0-3][0-7]{0,2}|[4-7][0-7]?))+")
+_OCTAL_ONE_RE = re.compile(r"\\([0-3][0-7]{0,2}|[4-7][0-7]?)")
 
 
-def _octal_runs_are_utf8(data: bytes, start: int, end: int) -> bool:
+def _octal_runs_are_utf8(text: str) -> bool:
     # Raw text is valid UTF-8 already, so bad bytes can only come from a run of escapes; a run
     # that is valid UTF-8 by itself stays valid next to anything valid.  Escaped backslashes
     # ("\\303") can make a run look bad; that only sends us to the exact check.
-    for run in _OCTAL_RUN_RE.finditer(data, start, end):
-        raw = bytes(int(m, 8) & 0xFF for m in _OCTAL_ONE_RE.findall(run.group(0)))
+    for run in _OCTAL_RUN_RE.finditer(text):
+        raw = bytes(int(digits, 8) & 0xFF for digits in _OCTAL_ONE_RE.findall(run.group(0)))
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -475,10 +504,9 @@ def _octal_runs_are_utf8(data: bytes, start: int, end: int) -> bool:
 
 
 def _check_values_utf8(ad: ClassAd) -> None:
-    """Read every name and literal value once so that classad2's UnicodeDecodeError surfaces now."""
+    """Read every name and literal value once so that classad2's decoding errors surface now."""
     for key in list(ad):
-        value = ad[key]
-        stack = [value]
+        stack = [ad[key]]
         while stack:
             item = stack.pop()
             if isinstance(item, ClassAd):
@@ -487,13 +515,13 @@ def _check_values_utf8(ad: ClassAd) -> None:
                 stack.extend(item)
 
 
-def _check_utf8(ad: ClassAd, data: bytes, start: int, end: int, text: str) -> None:
-    if data.find(b"\\", start, end) < 0 or _octal_runs_are_utf8(data, start, end):
+def _check_utf8(ad: ClassAd, text: str) -> None:
+    if "\\" not in text or _octal_runs_are_utf8(text):
         return
     try:
         _check_values_utf8(ad)
-    except UnicodeDecodeError as e:
-        raise ClassAdError(f"an escape sequence makes a string or name that is not valid UTF-8 ({e.reason})", text) from None
+    except (UnicodeDecodeError, SystemError):  # SystemError: classad2 listing an undecodable name
+        raise ClassAdError("an escape sequence makes a string or name that is not valid UTF-8", text) from None
 
 
 def _check_text(text: str) -> None:
@@ -511,37 +539,6 @@ def _check_text(text: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _try_parse_expr(text: str) -> ExprTree | None:
-    """classad2's tree for ``text`` if the whole text is exactly one expression, else None.
-
-    classad2 has no public strict expression parser (``ExprTree("1; b = 2")`` is ``1``), so we
-    parse "[a = TEXT\\n]" and require that the ad holds one attribute and ends at our ']'.  The
-    newline stops a trailing // comment from hiding that ']'.  Only ';' can start a second
-    attribute ("1; a = 2" would still leave one attribute named a), so text containing ';' is
-    parsed once more under another name: no injected attribute can match both names.
-    """
-    wrapped = "[a = " + text + "\n]"
-    try:
-        ad, end = _parse_next(wrapped, 0)
-    except (ValueError, ClassAdException):
-        return None
-    if ad is None or end != _byte_len(wrapped) or len(ad) != 1:
-        return None
-    try:
-        expr = ad.lookup("a")
-    except KeyError:
-        return None
-    if ";" in text:
-        wrapped = "[b = " + text + "\n]"
-        try:
-            other, end = _parse_next(wrapped, 0)
-        except (ValueError, ClassAdException):
-            return None
-        if other is None or end != _byte_len(wrapped) or len(other) != 1 or "b" not in other:
-            return None
-    return expr
-
-
 def parse_expr(text: str) -> ExprTree:
     """One ClassAd expression, e.g. ``TARGET.Memory >= 2048 && regexp("^cms", Owner)``.
 
@@ -554,32 +551,19 @@ def parse_expr(text: str) -> ExprTree:
         raise ClassAdError("empty expression", text)
     _check_text(text)
     _check_depth(text, depth=1)
-    expr = _try_parse_expr(text)
+    expr = _try_parse_expr(text + "\n")  # the newline ends a trailing // comment
     if expr is None:
-        raise ClassAdError(f"invalid expression: {_diagnose_expr(text)}", text)
+        raise ClassAdError(f"invalid expression: {_diagnose_expr(text + chr(10))}", text)
     return expr
 
 
-def _parse_new_at(text: str, data: bytes, start: int) -> tuple[ClassAd, int]:
-    """The new-syntax ad at byte ``start`` of ``data`` (``text`` encoded): (ad, end offset).
-    The caller has run _check_depth on the text."""
-    try:
-        ad, end = _parse_next(text, start)
-    except (ValueError, ClassAdException):
-        ad, end = None, start
+def _parse_new_checked(text: str) -> ClassAd:
+    """One new-syntax ad from text that passed _check_text and _check_depth."""
+    ad = _parse_whole_ad(text)
     if ad is None:
-        rest = data[start:].decode("utf-8") if start else text
-        ad, length = _parse_empty_ad(rest)
-        if ad is None:
-            raise ClassAdError(_diagnose_new(rest), rest)
-        end = start + length
-    _check_utf8(ad, data, start, end, text if not start else data[start:end].decode("utf-8"))
-    return ad, end
-
-
-def _check_trailing(data: bytes, end: int) -> None:
-    if end < len(data) and data[end:].strip():  # bytes.strip() removes exactly C's isspace set
-        raise ClassAdError("unexpected text after the closing ']' of the ad", data[end:].decode("utf-8").strip(_WS))
+        raise _syntax_error(text)
+    _check_utf8(ad, text)
+    return ad
 
 
 def parse_new(text: str) -> ClassAd:
@@ -588,10 +572,7 @@ def parse_new(text: str) -> ClassAd:
         raise TypeError(f"ClassAd text must be str, not {type(text).__name__}")
     _check_text(text)
     _check_depth(text)
-    data = text.encode("utf-8")
-    ad, end = _parse_new_at(text, data, 0)
-    _check_trailing(data, end)
-    return ad
+    return _parse_new_checked(text)
 
 
 def _old_to_new_escaping(expr: str) -> str:
@@ -620,22 +601,16 @@ def _old_to_new_escaping(expr: str) -> str:
             out.append("\\")
 
 
-def _assemble(entries: list[tuple[int, str, str, str]], names: Iterable[str]) -> tuple[ClassAd | None, str]:
+def _assemble(entries: list[tuple[int, str, str, str]], names: Iterable[str]) -> ClassAd | None:
     """Parse old-syntax entries as one new-syntax ad under the given attribute names.
 
     Each expression sits on its own line so that a // comment ends before our ';'.  The names
     are quoted so that names the new syntax reserves (``error = 1``) still work, as they do in
-    HTCondor's old syntax.
+    HTCondor's old syntax.  The end marker catches a line that closes the ad early ("a = 1]").
     """
-    text = "[\n" + "\n;\n".join(f"'{name}' = {expr}" for (_, _, expr, _), name in zip(entries, names)) + "\n]"
-    _check_depth(text, lines=False)  # the whole text: a bracket may carry a chain across lines
-    try:
-        ad, end = _parse_next(text, 0)
-    except (ValueError, ClassAdException):
-        return None, text
-    if ad is None or end != _byte_len(text):
-        return None, text
-    return ad, text
+    body = "[\n" + "\n;\n".join(f"'{name}' = {expr}" for (_, _, expr, _), name in zip(entries, names))
+    _check_depth(body + "\n]", lines=False)  # the whole text: a bracket may carry a chain across lines
+    return _parse_to_end(body)
 
 
 def _parse_old_lines(lines: Iterable[tuple[int, str]]) -> ClassAd | None:
@@ -664,28 +639,27 @@ def _parse_old_lines(lines: Iterable[tuple[int, str]]) -> ClassAd | None:
     if not entries:
         return None
 
-    # Parse all lines at once (two classad2 calls rather than two per line), then make sure
-    # no line leaked into another attribute: the keys must be exactly the names we wrote.
-    ad, text = _assemble(entries, (name for _, name, _, _ in entries))
-    try:  # reading names can raise UnicodeDecodeError if a line smuggled in '\377' = 1
+    # Parse all lines at once (one or two classad2 calls rather than two per line), then make
+    # sure no line leaked into another attribute: the keys must be exactly the names we wrote.
+    ad = _assemble(entries, (name for _, name, _, _ in entries))
+    try:  # reading names can fail if a line smuggled in '\377' = 1
         if ad is not None and {k.lower() for k in ad} != {name.lower() for _, name, _, _ in entries}:
             ad = None
         if ad is not None and any(";" in expr for _, _, expr, _ in entries):
             # "a = 1; b = 2" next to a real line "b = 3" passes the check above; under names no
             # line can contain ('#' is not allowed in a name) the injected b shows up.
-            check, _ = _assemble(entries, (f"#{i}" for i in range(len(entries))))
+            check = _assemble(entries, (f"#{i}" for i in range(len(entries))))
             if check is None or set(check) != {f"#{i}" for i in range(len(entries))}:
                 ad = None
-    except UnicodeDecodeError:
+    except (UnicodeDecodeError, SystemError):
         ad = None
     if ad is None:
         for number, name, expr, line in entries:
-            if _try_parse_expr(expr) is None:
-                raise ClassAdError(f"invalid expression for {name}: {_diagnose_expr(expr)}", line, line=number)
+            if _try_parse_expr(expr + "\n") is None:
+                raise ClassAdError(f"invalid expression for {name}: {_diagnose_expr(expr + chr(10))}", line, line=number)
         first = entries[0][0]
         raise ClassAdError("these lines do not form one ad (a comment or string spanning lines?)", entries[0][3], line=first)
-    data = text.encode("utf-8")
-    _check_utf8(ad, data, 0, len(data), text)
+    _check_utf8(ad, "\n".join(expr for _, _, expr, _ in entries))
     return ad
 
 
@@ -730,16 +704,20 @@ def parse_ads(text: str) -> list[ClassAd]:
     ads: list[ClassAd] = []
     if body.startswith("["):
         _check_depth(text)
-        data = text.encode("utf-8")
-        pos = _WS_BYTES_RE.match(data).end()  # type: ignore[union-attr]
-        while pos < len(data):
+        # Cut the text after each outermost ']' (outside literals), then parse every piece
+        # strictly: if our cut disagreed with classad2, a piece would not be exactly one ad.
+        start = 0
+        ends = list(_ad_ends(_blank_literals(text)))
+        if text[ends[-1] if ends else 0 :].strip(_WS):
+            ends.append(len(text))  # trailing text: let classad2 say what is wrong with it
+        for end in ends:
+            piece = text[start:end]
             try:
-                ad, pos = _parse_new_at(text, data, pos)
+                ads.append(_parse_new_checked(piece))
             except ClassAdError as e:
-                line = data.count(b"\n", 0, pos) + 1
+                line = text.count("\n", 0, start + len(piece) - len(piece.lstrip(_WS))) + 1
                 raise ClassAdError(f"ad {len(ads) + 1}: {e.reason}", e.text, line=line) from None
-            ads.append(ad)
-            pos = _WS_BYTES_RE.match(data, pos).end()  # type: ignore[union-attr]
+            start = end
         return ads
     block: list[tuple[int, str]] = []
     for number, line in enumerate([*text.split("\n"), ""], start=1):
@@ -852,9 +830,7 @@ def decode(data: bytes) -> ClassAd:
     if "\x00" in text:
         raise ClassAdError(f"NUL byte at offset {data.index(0)} (ClassAd text cannot contain NUL)", data)
     _check_depth(text)
-    ad, end = _parse_new_at(text, data, 0)
-    _check_trailing(data, end)
-    return ad
+    return _parse_new_checked(text)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -273,3 +273,28 @@ def load_config(path: str | Path) -> HostConfig:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     return parse_config(text, source=str(path), base=path.resolve().parent)
+
+
+def reference_markdown() -> str:
+    """The configuration reference as Markdown tables (pasted into the README; a test keeps the
+    two in step)."""
+    out = []
+    for section, keys in SECTIONS.items():
+        out.append(f"**`[{section}]`**\n")
+        out.append("| key | default | meaning |\n| --- | --- | --- |")
+        for name, key in keys.items():
+            default = "" if key.default is None else f"`{key.default!r}`".replace("|", "\\|")
+            out.append(f"| `{name}` | {default} | {key.doc} |")
+        out.append("")
+        if section == "security":
+            out.append(f"**`[security.LEVEL]`**, for each level ({', '.join(LEVELS)}):\n")
+            out.append("| key | default | meaning |\n| --- | --- | --- |")
+            for name, key in LEVEL_KEYS.items():
+                default = "" if key.default is None else f"`{key.default!r}`"
+                out.append(f"| `{name}` | {default} | {key.doc} |")
+            out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())
