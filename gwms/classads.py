@@ -376,10 +376,17 @@ def _blank(match: re.Match[str]) -> str:
 
 def _blank_literals(text: str) -> str:
     """``text`` with every literal and comment blanked out, offsets unchanged."""
+    if '"' not in text and "'" not in text and "/" not in text:
+        return text  # nothing to blank: skip the (slow) regular expression
     return _LITERALS_RE.sub(_blank, text)
 
 
 _BRACKETS_RE = re.compile(r"[\[\](){}]")
+
+
+# classad2's parser gives up long before brackets nest this deep (at about 165 levels), so
+# scans stop here: nothing after that point is ever parsed.
+_NESTING_GIVE_UP: Final = 2 * _PARSER_RECURSION
 
 
 def _ad_ends(code: str) -> Iterator[int]:
@@ -389,6 +396,8 @@ def _ad_ends(code: str) -> Iterator[int]:
         char = mark.group(0)
         if char in "[({":
             depth += 1
+            if depth > _NESTING_GIVE_UP:
+                return
         else:
             depth = max(depth - 1, 0)
             if depth == 0 and char == "]":
@@ -428,7 +437,32 @@ def _count_operators(code: str, cap: int = _MAX_OPERATORS) -> int:
     return total
 
 
+_DOT_DIGIT_RE = re.compile(rb"\.[0-9]")  # the '.' of a number: a selection is never followed by a digit
+# A sign right after these is unary: they end an operator (or start a list) and an operand
+# follows.  Most likely first ("Name = -1", lists of negative numbers): we stop once under.
+_UNARY_SIGNS: Final = tuple(
+    f"{before}{space}{sign}".encode() for sign in "-+" for before in "=,{([" for space in (" ", "")
+)
+
+
+def _quick_operator_bound(code: str) -> int:
+    """An upper bound of _count_operators from C-speed counting alone, ten times faster on
+    big ads: every symbol, every sign but the obviously unary ones, every "is" in a word."""
+    data = code.encode("utf-8", "surrogatepass")
+    total = len(data) - len(data.translate(None, b"*/%&|^<>?:["))
+    total += data.count(b"==") + data.count(b"!=") + code.lower().count("is")
+    total += data.count(b".") - len(_DOT_DIGIT_RE.findall(data))
+    signs = data.count(b"+") + data.count(b"-")
+    for unary in _UNARY_SIGNS:  # each pattern costs a pass over the text: only while needed
+        if total + signs <= _MAX_OPERATORS:
+            break
+        signs -= data.count(unary)
+    return total + signs
+
+
 def _too_many_operators(code: str) -> bool:
+    if _quick_operator_bound(code) <= _MAX_OPERATORS:
+        return False
     return _count_operators(code) > _MAX_OPERATORS
 
 
@@ -453,6 +487,9 @@ def _check_depth(text: str, depth: int = 0, *, lines: bool = True) -> None:
         char = mark.group(0)
         if char in "[({":
             depth += 1
+            if depth > _NESTING_GIVE_UP:  # classad2 stops parsing before this point
+                _check_piece(text, code, start, mark.start(), lines)
+                return
         elif char == ";":
             if depth == 1:
                 _check_piece(text, code, start, mark.start(), lines)

@@ -144,12 +144,14 @@ def test_parse_old_later_line_replaces_earlier_one_ignoring_case():
 
 
 def test_parse_old_uses_old_syntax_string_escaping_like_htcondor():
-    ad = classads.parse_old('Path = "C:\\temp\\new"\nDir = "C:\\dir\\"\nQuote = "say \\"hi\\""\nRe = regexp("^a\\.b", Name)')
+    ad = classads.parse_old(
+        'Path = "C:\\temp\\new"\nDir = "C:\\dir\\"\nQuote = "say \\"hi\\""\n'
+        'Name = "a.b"\nRe = regexp("^a\\.b", Name)\nNoMatch = regexp("^a\\.b", "axb")'
+    )
     assert ad["Path"] == "C:\\temp\\new"  # a lone backslash is literal in old syntax
     assert ad["Dir"] == "C:\\dir\\"  # \" at the end of the line closes the string
     assert ad["Quote"] == 'say "hi"'
-    assert ad.eval("Re") is classad2.Value.Error or True  # parses; the regexp keeps its backslash:
-    assert '"^a\\\\.b"' in repr(ad.lookup("Re"))
+    assert ad.eval("Re") is True and ad.eval("NoMatch") is False  # the regexp keeps its "\."
 
 
 def test_parse_old_accepts_names_that_new_syntax_reserves():
@@ -161,6 +163,7 @@ def test_parse_old_accepts_names_that_new_syntax_reserves():
 old_text = st.text(st.sampled_from(['a', '\\', '"', ' ', 'n', "'", 'é', '\t', '/', '*', ')']), max_size=10)
 
 
+@settings(deadline=None)  # timing varies with machine load; these are not timing tests
 @given(old_text)
 def test_old_syntax_escaping_agrees_with_classad2s_old_parser_on_htcondor_output(value):
     ad = ClassAd()
@@ -176,6 +179,7 @@ def test_old_syntax_escaping_agrees_with_classad2s_old_parser_on_htcondor_output
 old_body = st.lists(st.sampled_from(["a", "\\", '\\"', " ", "n", "'", "é", "\t", "/", "*", ")"]), max_size=10).map("".join)
 
 
+@settings(deadline=None)  # timing varies with machine load; these are not timing tests
 @given(old_body)
 def test_old_syntax_escaping_agrees_with_classad2s_old_parser_on_any_line(body):
     line = f'a = "{body}"'
@@ -335,7 +339,7 @@ def test_decode_rejects_nul_bytes_and_surrogates_are_rejected_in_text():
         classads.parse_new('[a = "\udcff"]')
 
 
-OPENERS = ["(", "{", "[", "[a = ", "f(", "-(", "!"]
+OPENERS = ["(", "{", "[", "[a = ", "f(-"]
 
 
 @pytest.mark.parametrize("opener", OPENERS)
@@ -392,7 +396,7 @@ POSTFIX = [".y", ".'q'", "[0]"]
 SEPARATORS = ["", " ", "\n", " /**/ ", " // c\n"]
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.data())
 def test_the_depth_guard_never_counts_fewer_operators_than_a_chain_has(data):
     # The guard's count bounds the depth of the tree classad2 builds; counting too few could
@@ -413,7 +417,9 @@ def test_the_depth_guard_never_counts_fewer_operators_than_a_chain_has(data):
         classads.parse_expr(text)
     except ClassAdError:
         assume(False)
-    assert classads._count_operators(classads._blank_literals(text), cap=10**9) >= levels
+    code = classads._blank_literals(text)
+    assert classads._count_operators(code, cap=10**9) >= levels
+    assert classads._quick_operator_bound(code) >= classads._count_operators(code, cap=10**9)
 
 
 def test_a_chain_hidden_across_old_syntax_lines_is_refused():
@@ -442,7 +448,7 @@ def test_a_one_megabyte_ad_round_trips_quickly():
     assert len(data) > 1_000_000
     started = time.perf_counter()
     back = classads.decode(data)
-    assert time.perf_counter() - started < 1.0
+    assert time.perf_counter() - started < 5.0  # about 0.05 s; generous for loaded CI machines
     assert_same_ad(back, ad)
     assert len(classads.parse_new(data.decode())) == 1001
 
@@ -453,7 +459,7 @@ def test_a_one_megabyte_ad_round_trips_quickly():
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.dictionaries(names, values, max_size=8).filter(unique_ci))
+@given(st.dictionaries(names, values, max_size=6).filter(unique_ci))
 def test_encode_decode_round_trips_exactly(d):
     ad = make_ad(d)
     data = classads.encode(ad)
@@ -576,6 +582,7 @@ def test_parse_ads_cuts_new_ads_where_classad2_would():
         classads.parse_ads("[a = 1] [b = 2 [c = 3]")
 
 
+@settings(deadline=None)  # timing varies with machine load; these are not timing tests
 @given(texts)
 def test_quote_makes_any_text_a_string_literal_without_injection(value):
     assert classads.parse_expr(classads.quote(value)).eval() == value
