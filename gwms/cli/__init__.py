@@ -27,14 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def dispatch(args: argparse.Namespace) -> int:
+    """Run a parsed command; a UsageError becomes one line on stderr and exit code 2."""
     try:
-        code = args.func(args)
+        return args.func(args) or 0
     except UsageError as e:
         print(f"gwms {args.command}: {e}", file=sys.stderr)
-        code = 2
+        return 2
     except KeyboardInterrupt:
-        code = 130
-    sys.exit(code or 0)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    sys.exit(dispatch(build_parser().parse_args(argv)))

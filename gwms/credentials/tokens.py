@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from gwms.credentials.x509 import CredentialError, write_private_file
+from gwms.credentials.x509 import CredentialError, read_credential_file, write_private_file
 
 __all__ = [
     "TokenError",
@@ -94,15 +94,7 @@ def generate_signing_key(path: str | os.PathLike[str], *, overwrite: bool = Fals
 def load_signing_key(path: str | os.PathLike[str]) -> bytes:
     """Read a hex-encoded signing key; clear errors for missing, short or garbage files."""
     name = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(4096)
-    except FileNotFoundError:
-        raise TokenError(f"signing key file {name} does not exist") from None
-    except IsADirectoryError:
-        raise TokenError(f"signing key file {name} is a directory") from None
-    except OSError as e:
-        raise TokenError(f"signing key file {name}: {e.strerror or e}") from None
+    raw = read_credential_file(path, "signing key", TokenError, max_bytes=4096)
     try:
         key = bytes.fromhex(raw.decode("ascii").strip())
     except (UnicodeDecodeError, ValueError):

@@ -341,18 +341,22 @@ _KEY_LABELS = {b"PRIVATE KEY", b"RSA PRIVATE KEY", b"EC PRIVATE KEY", b"DSA PRIV
                b"ENCRYPTED PRIVATE KEY"}
 
 
-def _read_file(path: str | os.PathLike[str], what: str) -> bytes:
+def read_credential_file(path: str | os.PathLike[str], what: str,
+                         error: type[Exception] = CredentialError, max_bytes: int = -1) -> bytes:
+    """Read a credential file, turning every OS error into ``error`` with a message that names
+    the file and what it was supposed to be."""
+    name = os.fspath(path)
     try:
         with open(path, "rb") as f:
-            return f.read()
+            return f.read(max_bytes)
     except FileNotFoundError:
-        raise CredentialError(f"{what} file {os.fspath(path)} does not exist") from None
+        raise error(f"{what} file {name} does not exist") from None
     except IsADirectoryError:
-        raise CredentialError(f"{what} file {os.fspath(path)} is a directory") from None
+        raise error(f"{what} file {name} is a directory") from None
     except PermissionError:
-        raise CredentialError(f"{what} file {os.fspath(path)}: permission denied") from None
+        raise error(f"{what} file {name}: permission denied") from None
     except OSError as e:
-        raise CredentialError(f"{what} file {os.fspath(path)}: {e.strerror or e}") from None
+        raise error(f"{what} file {name}: {e.strerror or e}") from None
 
 
 def _parse_pem(data: bytes, path: str | os.PathLike[str],
@@ -417,9 +421,9 @@ def load_credential(cert_path: str | os.PathLike[str],
     into a clear message now. ``password`` decrypts an encrypted key (``EncryptedKeyError``
     when it is needed and missing).
     """
-    certs, keys = _parse_pem(_read_file(cert_path, "certificate"), cert_path, password)
+    certs, keys = _parse_pem(read_credential_file(cert_path, "certificate"), cert_path, password)
     if key_path is not None:
-        _, keys = _parse_pem(_read_file(key_path, "key"), key_path, password)
+        _, keys = _parse_pem(read_credential_file(key_path, "key"), key_path, password)
         if not keys:
             raise CredentialError(f"key file {os.fspath(key_path)} holds no private key")
     if not certs:
@@ -452,7 +456,7 @@ def load_credential(cert_path: str | os.PathLike[str],
 
 def load_certificates(path: str | os.PathLike[str]) -> list[x509.Certificate]:
     """All certificates of a PEM file, in file order (a CA bundle); at least one."""
-    certs, _ = _parse_pem(_read_file(path, "certificate"), path, None)
+    certs, _ = _parse_pem(read_credential_file(path, "certificate"), path, None)
     if not certs:
         raise CredentialError(f"{os.fspath(path)} holds no PEM certificate")
     return certs

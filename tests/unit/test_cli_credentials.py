@@ -7,12 +7,11 @@ import datetime as dt
 import json
 import re
 import stat
-import sys
 from pathlib import Path
 
 import pytest
 
-from gwms.cli import UsageError
+from gwms.cli import dispatch
 from gwms.cli import credentials
 from gwms.credentials import ca
 from gwms.credentials.tokens import verify_token, load_signing_key
@@ -30,12 +29,7 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
     parser = argparse.ArgumentParser(prog="gwms")
     sub = parser.add_subparsers(dest="command")
     credentials.register(sub)
-    args = parser.parse_args(argv)
-    try:
-        code = args.func(args)
-    except UsageError as e:
-        print(f"gwms {args.command}: {e}", file=sys.stderr)
-        code = 2
+    code = dispatch(parser.parse_args(argv))
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -210,7 +210,7 @@ def test_unknown_command_and_request_timeout_on_the_client(pool):
     assert e.value.code == "UNKNOWN_COMMAND"
     # A reply that never comes: the client gives up after its request timeout, on the clock.
     for p in pool.net.pumps:
-        p.serverIO.write = lambda data: None  # noqa: the server's replies are lost
+        p.serverIO.write = lambda data: None  # the server's replies are lost
     d = reader.call("QUERY", classads.parse_new('[TargetType = "Machine"]'), timeout=5)
     failures = []
     d.addErrback(failures.append)
@@ -219,7 +219,7 @@ def test_unknown_command_and_request_timeout_on_the_client(pool):
 
 
 def test_idle_connections_are_closed_by_the_server(pool):
-    reader = pool.client("reader")
+    pool.client("reader")
     server = next(iter(pool.factory.connections))
     pool.clock.advance(Limits().idle_timeout + 1)
     assert server.closing
@@ -242,7 +242,6 @@ def test_commands_before_authentication_are_protocol_errors(pool):
 
 
 def test_negotiation_failure_is_reported_to_the_client(pool):
-    config = memory_config('[security.READ]\nauthentication = "NEVER"\n')
     proto, server, pump = pool.net.connect(pool.factory, "x", "ADVERTISE_STARTD", config=memory_config(
         '[security.ADVERTISE_STARTD]\nauthentication = "NEVER"\n'))
     pool.net.flush()
