@@ -484,8 +484,10 @@ class ClientProtocol(_FramedProtocol):
         self.authenticated = False
         self.method: str | None = None
         self._ids = itertools.count(1)
-        # request id -> (Deferred, the items of a streamed reply or None, timeout call)
+        # request id -> (Deferred, the items of a streamed reply or None, (deadline, command,
+        # timeout) or None)
         self._pending: dict[int, tuple[defer.Deferred[Any], list[bytes] | None, Any]] = {}
+        self._deadline_check: Any = None
         self._tls_started = False
         self._failure_reason: str | None = None
 
@@ -518,7 +520,7 @@ class ClientProtocol(_FramedProtocol):
         entry = self._pending.get(frame.request_id)
         if entry is None:
             return  # a reply after our timeout gave up on it
-        d, items, timer = entry
+        d, items, _deadline = entry
         stream = items is not None
         if frame.kind == ITEM:
             if items is None:
@@ -527,8 +529,6 @@ class ClientProtocol(_FramedProtocol):
             items.append(frame.body)
             return
         del self._pending[frame.request_id]
-        if timer is not None and timer.active():
-            timer.cancel()
         if frame.kind == ERROR:
             d.errback(_error_from_body(frame.body))
             return
@@ -594,9 +594,9 @@ class ClientProtocol(_FramedProtocol):
             detail = _tls_reason(reason) if self._tls_started else str(reason.value)
             self._fail_setup(f"connection closed during set-up: {detail}")
         pending, self._pending = self._pending, {}
-        for d, _items, timer in pending.values():
-            if timer is not None and timer.active():
-                timer.cancel()
+        if self._deadline_check is not None and self._deadline_check.active():
+            self._deadline_check.cancel()
+        for d, _items, _deadline in pending.values():
             d.errback(ConnectionFailed(f"connection lost: {reason.getErrorMessage()}"))
 
     def call(self, command: str, ad: classads.ClassAd | bytes, timeout: float | None = None,
@@ -608,12 +608,24 @@ class ClientProtocol(_FramedProtocol):
         rid = next(self._ids)
         d: defer.Deferred[Any] = defer.Deferred()
         timeout = self.limits.request_timeout if timeout is None else timeout
-        timer = self.callLater(timeout, self._timed_out, rid, command, timeout) if timeout else None
-        self._pending[rid] = (d, [] if stream else None, timer)
+        deadline = self.reactor.seconds() + timeout if timeout else None
+        self._pending[rid] = (d, [] if stream else None, (deadline, command, timeout) if deadline else None)
         self.send(REQUEST, rid, command, ad)
+        if deadline is not None and (self._deadline_check is None or not self._deadline_check.active()):
+            self._deadline_check = self.callLater(min(timeout, self.DEADLINE_TICK), self._check_deadlines)
         return d
 
-    def _timed_out(self, rid: int, command: str, timeout: float) -> None:
-        entry = self._pending.pop(rid, None)
-        if entry is not None:
-            entry[0].errback(CommandError("TIMEOUT", f"no reply to {command} within {timeout:g} s"))
+    # One timer per connection, not one per request: at tens of thousands of requests a second
+    # a callLater each is a measurable share of the client's time. Timeouts fire up to one
+    # tick late.
+    DEADLINE_TICK = 1.0
+
+    def _check_deadlines(self) -> None:
+        self._deadline_check = None
+        now = self.reactor.seconds()
+        expired = [rid for rid, (_d, _i, info) in self._pending.items() if info is not None and info[0] <= now]
+        for rid in expired:
+            d, _items, (_deadline, command, timeout) = self._pending.pop(rid)
+            d.errback(CommandError("TIMEOUT", f"no reply to {command} within {timeout:g} s"))
+        if any(info is not None for _d, _i, info in self._pending.values()):
+            self._deadline_check = self.callLater(self.DEADLINE_TICK, self._check_deadlines)
