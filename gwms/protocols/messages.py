@@ -210,8 +210,13 @@ def _peer_credentials(transport: Any) -> tuple[int, int, int]:
 class ServerProtocol(_FramedProtocol):
     """The daemon's end of a connection."""
 
+    # Until a client has authenticated it may only send small frames: nobody unauthenticated
+    # gets to make the daemon buffer megabytes.
+    MAX_SETUP_FRAME = 64 * 1024
+
     def __init__(self, factory: "MessageServerFactory") -> None:
         super().__init__(factory.reactor, factory.limits)
+        self.decoder.max_frame = min(self.limits.max_frame, self.MAX_SETUP_FRAME)
         self.factory = factory
         self.security: ServerSecurity = factory.security
         self.state = "hello"
@@ -346,6 +351,7 @@ class ServerProtocol(_FramedProtocol):
             return self.close()
         self.identity = identity
         self.state = "ready"
+        self.decoder.max_frame = self.limits.max_frame
         self.setTimeout(self.limits.idle_timeout)
         reply = classads.ClassAd()
         reply["Identity"] = identity.name

@@ -1,6 +1,9 @@
 """The collector in memory: its commands over the message layer, on a Clock."""
 
+import struct
+
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 from twisted.internet.testing import MemoryReactorClock
 
 from gwms import classads
@@ -185,8 +188,6 @@ def test_malformed_update_is_refused_and_nothing_stored_is_lost(pool):
 
 
 def test_oversized_and_malformed_frames_close_only_that_connection(pool):
-    import struct
-
     good = pool.client("startd1", "ADVERTISE_STARTD")
     bad, server, pump = pool.net.connect(pool.factory, "startd2", "ADVERTISE_STARTD", config=pool.config)
     pool.net.flush()
@@ -250,3 +251,31 @@ def test_negotiation_failure_is_reported_to_the_client(pool):
     assert failures and isinstance(failures[0].value, ConnectionFailed)
     assert "REQUIRED by the server and NEVER allowed by the client" in str(failures[0].value)
     assert pool.audit.events[-1][3] is False and "negotiation" in pool.audit.events[-1][4]
+
+
+def test_unauthenticated_clients_may_only_send_small_frames(pool):
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    from gwms.protocols.framing import FrameDecoder
+
+    server = pool.factory.buildProtocol(None)
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5556))
+    server.makeConnection(transport)
+    server.dataReceived(struct.pack("!I", 60 * 1024 + 100 * 1024) + b"Q 0 HELLO\n")
+    frames, _ = FrameDecoder(4096).feed(transport.value())
+    assert b"exceeds the maximum of 65536 bytes" in frames[0].body and transport.disconnecting
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+@given(garbage=st.binary(min_size=1, max_size=300))
+def test_hostile_bytes_after_authentication_lose_nothing_stored(pool, garbage):
+    startd = pool.client("startd1", "ADVERTISE_STARTD")
+    pool.call(startd, "UPDATE", SLOT)
+    hostile, server, pump = pool.net.connect(pool.factory, "startd2", "ADVERTISE_STARTD", config=pool.config)
+    pool.net.flush()
+    hostile.transport.write(garbage)
+    pool.net.flush()
+    [ad] = pool.query(pool.client("reader"))
+    assert ad["Cpus"] == 4 and ad["AuthenticatedIdentity"] == "startd1"
+    assert pool.call(startd, "UPDATE", SLOT)["Accepted"]
