@@ -664,6 +664,8 @@ def _parse_old_lines(lines: Iterable[tuple[int, str]]) -> ClassAd | None:
             raise ClassAdError("expected 'Name = expression'", line, line=number)
         if not name:
             raise ClassAdError("missing attribute name before '='", line, line=number)
+        if len(name) > 2 and name[0] == name[-1] == "'" and _NAME_RE.fullmatch(name[1:-1]):
+            name = name[1:-1]  # classad2's old-syntax printer quotes reserved words: 'IS' = 0
         if not _NAME_RE.fullmatch(name):
             raise ClassAdError(
                 f"invalid attribute name {name!r} (names are letters, digits and '_', not starting with a digit)",

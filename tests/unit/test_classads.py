@@ -824,3 +824,13 @@ def test_format_old_reads_back_with_parse_old(d):
     ad = make_ad(d)
     assert_same_ad(classads.parse_old(classads.format_old(ad)), ad)
     assert_same_ad(classads.parse_ads(classads.format_old(ad) + "\n" + classads.format_old(ad))[1], ad)
+
+
+def test_format_old_quotes_reserved_names_and_parse_old_reads_them_back():
+    ad = classads.ClassAd()
+    ad["IS"] = 0
+    ad["error"] = 1
+    text = classads.format_old(ad)
+    assert "'IS' = 0" in text
+    back = classads.parse_old(text)
+    assert back["IS"] == 0 and back["error"] == 1
