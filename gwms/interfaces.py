@@ -45,3 +45,22 @@ class IAuthorizer(Interface):
     def authorize(request):
         """Return a Decision for ``request`` (an AuthorizationRequest: identity, peer address,
         command, level). Must not block; is called once per connection, command and level."""
+
+
+class IIdentitySwitch(Interface):
+    """Starts a job's processes under the right UNIX identity (the seed's gLExec role).
+
+    The stock ``none`` plugin runs jobs as the startd's own user; the credentials issue adds
+    ``setuid`` and ``glexec``. The starter calls ``spawn`` once per job and then tracks and kills
+    the whole process tree itself."""
+
+    name = Attribute("The name written in configuration, e.g. 'none'.")
+
+    def prepare_sandbox(job, sandbox):
+        """Make ``sandbox`` (a Path the starter created) usable by the job's identity; return
+        the JobIdentity (uid, gid, user name) the job will run as."""
+
+    def spawn(reactor, protocol, job, argv, env, sandbox, stdin, stdout, stderr):
+        """Start the job: ``argv`` with environment ``env`` in ``sandbox``, stdin/stdout/stderr
+        redirected from/to the given paths (stdin may be None for /dev/null). ``protocol`` is a
+        ProcessProtocol. Returns the IProcessTransport."""
