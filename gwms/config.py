@@ -37,7 +37,7 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class Key:
-    kind: str  # str, path, int, float, bool, strlist, address, addrlist, requirement, networks
+    kind: str  # str, path, int, float, bool, table, strlist, address, addrlist, requirement, networks
     default: Any
     doc: str
 
@@ -112,10 +112,57 @@ COLLECTOR_KEYS: dict[str, Key] = {
                         "(useful with port 0)."),
 }
 
+SCHEDD_KEYS: dict[str, Key] = {
+    "listen": Key("address", "127.0.0.1:9615", "TCP address the schedd listens on (remote submission, negotiator)."),
+    "unix_socket": Key("path", None, "A UNIX socket for local submission (fs authentication)."),
+    "name": Key("str", None, "The schedd's name (default: schedd@<host>)."),
+    "spool": Key("path", "spool", "Directory of the durable job queue (job_queue.db) and history."),
+    "grid_mapfile": Key("path", None, "'\"DN\" user' lines mapping remote identities to local users."),
+    "uid_domain": Key("str", None, "Domain of submitter names user@domain (default: the pool name)."),
+    "update_interval": Key("float", 60.0, "Seconds between Scheduler/Submitter ad updates."),
+    "periodic_interval": Key("float", 60.0, "Seconds between periodic_hold/release/remove evaluations."),
+    "reconnect_interval": Key("float", 5.0, "Seconds between a shadow's attempts to reach a lost starter."),
+    "negotiator": Key("address", None, "Negotiator to poke (RESCHEDULE) when jobs arrive (default: from the collector)."),
+    "address_file": Key("path", None, "File the schedd writes its actual address to once it listens."),
+}
+
+STARTD_KEYS: dict[str, Key] = {
+    "listen": Key("address", "127.0.0.1:0", "TCP address the startd listens on."),
+    "name": Key("str", None, "Machine name used in slot names slotN@NAME (default: the host name)."),
+    "execute": Key("path", "execute", "Directory under which each job gets a fresh sandbox."),
+    "slots": Key("int", 1, "Number of static slots (ignored when partitionable)."),
+    "partitionable": Key("bool", False, "One partitionable slot carved into dynamic slots per job."),
+    "cpus": Key("int", 0, "CPUs to offer (0: what the machine has)."),
+    "memory": Key("int", 0, "Memory to offer in MB (0: what the machine has)."),
+    "disk": Key("int", 0, "Disk to offer in KiB (0: free space of the execute directory)."),
+    "start": Key("str", "true", "START expression: which jobs this machine accepts."),
+    "rank": Key("str", "0", "The machine's Rank of jobs."),
+    "attributes": Key("table", {}, "Extra attributes for the machine ads (name = ClassAd expression text)."),
+    "identity_switch": Key("str", "none", "The IIdentitySwitch plugin: none, or module:Class."),
+    "update_interval": Key("float", 300.0, "Seconds between slot ad updates (and on every change)."),
+    "claim_worklife": Key("float", 1200.0, "Seconds a claim may run further jobs without a new negotiation."),
+    "idle_claim_timeout": Key("float", 600.0, "Seconds a claim may sit without a job before it is released."),
+    "shutdown_grace": Key("float", 10.0, "Seconds a job gets between SIGTERM and SIGKILL at shutdown."),
+    "address_file": Key("path", None, "File the startd writes its actual address to once it listens."),
+}
+
+NEGOTIATOR_KEYS: dict[str, Key] = {
+    "listen": Key("address", "127.0.0.1:0", "TCP address the negotiator listens on (RESCHEDULE)."),
+    "name": Key("str", None, "The negotiator's name (default: negotiator@<host>)."),
+    "interval": Key("float", 60.0, "Seconds between negotiation cycles."),
+    "min_interval": Key("float", 2.0, "Shortest time between cycles when schedds ask for one."),
+    "priorities": Key("path", "priorities.json", "File of user priorities (persisted across restarts)."),
+    "half_life": Key("float", 86400.0, "Priority half-life in seconds (HTCondor's PRIORITY_HALFLIFE)."),
+    "address_file": Key("path", None, "File the negotiator writes its actual address to once it listens."),
+}
+
 SECTIONS: dict[str, dict[str, Key]] = {
     "pool": POOL_KEYS,
     "security": SECURITY_KEYS,
     "collector": COLLECTOR_KEYS,
+    "schedd": SCHEDD_KEYS,
+    "startd": STARTD_KEYS,
+    "negotiator": NEGOTIATOR_KEYS,
 }
 
 
@@ -151,6 +198,10 @@ def _check_value(kind: str, value: Any, base: Path) -> Any:
         if kind == "networks":
             return [ipaddress.ip_network(v, strict=False) for v in value]
         return list(value)
+    if kind == "table":
+        if not isinstance(value, dict):
+            raise ValueError("must be a table")
+        return dict(value)
     if kind == "address":
         if not isinstance(value, str):
             raise ValueError("must be a host:port string")

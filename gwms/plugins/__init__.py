@@ -19,6 +19,9 @@ AUTH_METHODS: Mapping[str, str] = {
     "fs": "gwms.plugins.auth_methods:FSMethod",
     "anonymous": "gwms.plugins.auth_methods:AnonymousMethod",
 }
+IDENTITY_SWITCHES: Mapping[str, str] = {
+    "none": "gwms.plugins.identity:NoIdentitySwitch",
+}
 AUTHORIZERS: Mapping[str, str] = {
     "lists": "gwms.plugins.authorization:ListAuthorizer",
 }

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, connectProtocol
@@ -150,16 +150,24 @@ def connect(reactor: Any, address: Address, level: str, security: ClientSecurity
     return d
 
 
+Connector = Callable[[Any, Address, str, ClientSecurity, Limits, float], "defer.Deferred[ClientProtocol]"]
+
+
 class DaemonClient:
-    """Calls to one daemon, over one connection per authorization level, reconnected on demand."""
+    """Calls to one daemon, over one connection per authorization level, reconnected on demand.
+
+    ``connector`` makes the connections: the real ``connect`` by default, or an in-memory one
+    (``gwms.testing.MemoryNetwork.connector``) so that whole pools run on one fake reactor."""
 
     def __init__(self, reactor: Any, address: Address, security: ClientSecurity,
-                 limits: Limits = Limits(), connect_timeout: float = 2.0) -> None:
+                 limits: Limits = Limits(), connect_timeout: float = 2.0,
+                 connector: Connector | None = None) -> None:
         self.reactor = reactor
         self.address = address
         self.security = security
         self.limits = limits
         self.connect_timeout = connect_timeout
+        self.connector = connector or connect
         self._connections: dict[str, ClientProtocol] = {}
         self._connecting: dict[str, list[defer.Deferred[ClientProtocol]]] = {}
 
@@ -184,8 +192,8 @@ class DaemonClient:
             if isinstance(result, ClientProtocol):
                 self._connections[level] = result
 
-        connect(self.reactor, self.address, level, self.security, self.limits,
-                self.connect_timeout).addBoth(done)
+        self.connector(self.reactor, self.address, level, self.security, self.limits,
+                       self.connect_timeout).addBoth(done)
         return waiter
 
     def call(self, command: str, ad: classads.ClassAd | bytes, level: str,
@@ -202,10 +210,11 @@ class CollectorList:
     """The pool's collectors as one: advertise to all, query with instant fail-over."""
 
     def __init__(self, reactor: Any, addresses: Sequence[Address], security: ClientSecurity,
-                 limits: Limits = Limits(), connect_timeout: float = 2.0, retry_after: float = 30.0) -> None:
+                 limits: Limits = Limits(), connect_timeout: float = 2.0, retry_after: float = 30.0,
+                 connector: Connector | None = None) -> None:
         if not addresses:
             raise ValueError("no collectors configured")
-        self.clients = [DaemonClient(reactor, a, security, limits, connect_timeout) for a in addresses]
+        self.clients = [DaemonClient(reactor, a, security, limits, connect_timeout, connector) for a in addresses]
         self.retry_after = retry_after
         self._failed_at: dict[int, float] = {}
 

@@ -5,3 +5,10 @@ from twisted.application.service import ServiceMaker
 gwms_collector = ServiceMaker(
     "gwms collector", "gwms.collector.service", "The gwms collector: the pool's registry of ClassAds.",
     "gwms-collector")
+gwms_startd = ServiceMaker(
+    "gwms startd", "gwms.startd.service", "The gwms startd: slots, claims and a starter per job.", "gwms-startd")
+gwms_schedd = ServiceMaker(
+    "gwms schedd", "gwms.schedd.service", "The gwms schedd: the durable job queue and its shadows.", "gwms-schedd")
+gwms_negotiator = ServiceMaker(
+    "gwms negotiator", "gwms.negotiator.service", "The gwms negotiator: matchmaking and fair share.",
+    "gwms-negotiator")

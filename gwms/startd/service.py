@@ -1,0 +1,557 @@
+"""The startd (``twistd -n gwms-startd --config FILE``): slots, claims, and a starter per job.
+
+Slots are static (N of them) or one partitionable slot carved into dynamic slots by each
+claim's requests. Each claimable slot advertises a capability (the private ``ClaimId``) that only
+the negotiator can read from the collector and hands to the schedd it matched; the schedd
+presents it to claim. A claim then runs one job after another for the same schedd and user,
+without new negotiation, until its worklife ends; an idle claim is released after a timeout.
+Claim ids are ``<handle>#<secret>``: looked up by handle, the secret compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import platform
+import secrets
+import shutil
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from gwms import classads
+from gwms.config import HostConfig
+from gwms.daemon import DaemonOptions, MessageListener, collectors, message_factory
+from gwms.protocols.messages import Command, CommandError, Items, Request
+from gwms.protocols.transfer import TransferError, decode_chunk, encode_chunk
+
+log = Logger()
+
+
+def _new_claim_id() -> str:
+    return f"{secrets.token_hex(8)}#{secrets.token_hex(32)}"
+
+
+def _split_claim_id(claim_id: object) -> tuple[str, str]:
+    if not isinstance(claim_id, str) or claim_id.count("#") != 1:
+        raise CommandError("BAD_CLAIM", "a claim id is '<handle>#<secret>'")
+    handle, secret = claim_id.split("#")
+    return handle, secret
+
+
+@dataclass
+class Slot:
+    name: str
+    slot_type: str  # Static, Partitionable, Dynamic
+    cpus: int
+    memory: int
+    disk: int
+    capability: str = field(default_factory=_new_claim_id)
+    state: str = "Unclaimed"
+    activity: str = "Idle"
+    entered_state: float = 0.0
+    claim: "Claim | None" = None
+    parent: "Slot | None" = None
+    children: int = 0
+
+
+@dataclass
+class Claim:
+    claim_id: str
+    slot: Slot
+    schedd: str
+    user: str
+    started: float
+    last_activity: float
+    job_lease: float = 2400.0
+    lease_deadline: float = 0.0
+    starter: Any = None
+    job_id: str = ""
+    waiters: list[defer.Deferred[Any]] = field(default_factory=list)
+
+
+def _machine_resources(execute: Path) -> tuple[int, int, int]:
+    cpus = os.cpu_count() or 1
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
+    except (ValueError, OSError):
+        memory = 1024
+    disk = shutil.disk_usage(execute).free // 1024
+    return cpus, memory, disk
+
+
+class Startd:
+    """Slots and claims; the commands the schedd's shadows use."""
+
+    def __init__(self, reactor: Any, config: HostConfig, switch: Any) -> None:
+        self.reactor = reactor
+        settings = config.section("startd")
+        self.settings = settings
+        self.switch = switch
+        self.machine = settings["name"] or socket.getfqdn()
+        self.execute = Path(settings["execute"])
+        self.execute.mkdir(parents=True, exist_ok=True, mode=0o755)
+        cpus, memory, disk = _machine_resources(self.execute)
+        cpus = settings["cpus"] or cpus
+        memory = settings["memory"] or memory
+        disk = settings["disk"] or disk
+        self.start_expr = classads.parse_expr(settings["start"])
+        self.rank_expr = classads.parse_expr(settings["rank"])
+        self.extra = {name: classads.parse_expr(text) for name, text in settings["attributes"].items()}
+        self.address = ""
+        self.slots: dict[str, Slot] = {}
+        self.claims: dict[str, Claim] = {}  # handle -> claim
+        self.draining = False
+        now = reactor.seconds()
+        if settings["partitionable"]:
+            self._add(Slot(f"slot1@{self.machine}", "Partitionable", cpus, memory, disk, entered_state=now))
+        else:
+            n = max(1, settings["slots"])
+            for i in range(n):
+                self._add(Slot(f"slot{i + 1}@{self.machine}", "Static", max(1, cpus // n), memory // n,
+                               disk // n, entered_state=now))
+        self.advertiser: Any = None  # a callable(slot) set by the service
+
+    def _add(self, slot: Slot) -> None:
+        self.slots[slot.name] = slot
+
+    # -- ads ----------------------------------------------------------------------------------
+    def slot_ad(self, slot: Slot) -> classads.ClassAd:
+        ad = classads.ClassAd()
+        ad["MyType"] = "Machine"
+        ad["TargetType"] = "Job"
+        ad["Name"] = slot.name
+        ad["Machine"] = self.machine
+        ad["MyAddress"] = self.address
+        ad["OpSys"] = "LINUX"
+        ad["Arch"] = {"x86_64": "X86_64", "aarch64": "AARCH64"}.get(platform.machine(), platform.machine().upper())
+        ad["Cpus"] = slot.cpus
+        ad["Memory"] = slot.memory
+        ad["Disk"] = slot.disk
+        ad["SlotType"] = slot.slot_type
+        ad["State"] = slot.state
+        ad["Activity"] = slot.activity
+        ad["EnteredCurrentState"] = int(slot.entered_state)
+        ad["Start"] = self.start_expr
+        ad["Requirements"] = classads.parse_expr("START")
+        ad["Rank"] = self.rank_expr
+        ad["TotalSlots"] = len(self.slots)
+        try:
+            ad["LoadAvg"] = os.getloadavg()[0]
+        except OSError:
+            pass
+        for name, expr in self.extra.items():
+            ad[name] = expr
+        if slot.claim is not None:
+            ad["RemoteUser"] = slot.claim.user
+            ad["RemoteOwner"] = slot.claim.user
+            ad["RemoteScheddName"] = slot.claim.schedd
+            if slot.claim.job_id:
+                ad["JobId"] = slot.claim.job_id
+        if slot.state == "Unclaimed" and not self.draining:
+            ad["ClaimId"] = slot.capability  # private: only NEGOTIATOR-level queries see it
+        return ad
+
+    def _changed(self, slot: Slot) -> None:
+        if self.advertiser is not None:
+            self.advertiser(slot)
+
+    def _set_state(self, slot: Slot, state: str, activity: str) -> None:
+        if (slot.state, slot.activity) != (state, activity):
+            slot.state, slot.activity = state, activity
+            slot.entered_state = self.reactor.seconds()
+
+    # -- claims -------------------------------------------------------------------------------
+    def _slot_for_capability(self, capability: object) -> Slot:
+        handle, secret = _split_claim_id(capability)
+        for slot in self.slots.values():
+            s_handle, s_secret = slot.capability.split("#")
+            if s_handle == handle:
+                if hmac.compare_digest(s_secret, secret) and slot.slot_type != "Dynamic":
+                    return slot
+                break
+        raise CommandError("BAD_CLAIM", "no slot has that capability (it was used or is stale)")
+
+    def claim_for(self, request: Request) -> Claim:
+        handle, secret = _split_claim_id(request.ad.get("ClaimId"))
+        claim = self.claims.get(handle)
+        if claim is None or not hmac.compare_digest(claim.claim_id.split("#")[1], secret):
+            raise CommandError("UNKNOWN_CLAIM", "no such claim on this startd")
+        claim.last_activity = self.reactor.seconds()
+        return claim
+
+    def request_claim(self, request: Request) -> classads.ClassAd:
+        if self.draining:
+            raise CommandError("SHUTTING_DOWN", "this startd is shutting down")
+        slot = self._slot_for_capability(request.ad.get("ClaimId"))
+        job = request.ad.get("JobAd")
+        if not isinstance(job, classads.ClassAd):
+            raise CommandError("MALFORMED_AD", "REQUEST_CLAIM needs a JobAd")
+        want = {k: _positive(job.get(k), d) for k, d in (("RequestCpus", 1), ("RequestMemory", 128),
+                                                          ("RequestDisk", 1024))}
+        if slot.slot_type == "Partitionable":
+            if want["RequestCpus"] > slot.cpus or want["RequestMemory"] > slot.memory or want["RequestDisk"] > slot.disk:
+                raise CommandError("REFUSED", f"{slot.name} has not enough resources left for this job")
+            slot.children += 1
+            target = Slot(f"{slot.name.split('@')[0]}_{slot.children}@{self.machine}", "Dynamic",
+                          want["RequestCpus"], want["RequestMemory"], want["RequestDisk"], parent=slot,
+                          entered_state=self.reactor.seconds())
+            check = self.slot_ad(target)
+        else:
+            if slot.state != "Unclaimed":
+                raise CommandError("REFUSED", f"{slot.name} is already claimed")
+            target = slot
+            check = self.slot_ad(slot)
+        # The slot's Requirements is START, so the symmetric match applies START to the job.
+        if not classads.symmetric_match(job, check):
+            raise CommandError("REFUSED", f"{slot.name} does not accept this job (START or Requirements)")
+        if slot.slot_type == "Partitionable":
+            slot.cpus -= target.cpus
+            slot.memory -= target.memory
+            slot.disk -= target.disk
+            self._add(target)
+            self._changed(slot)
+        else:
+            slot.capability = _new_claim_id()  # a capability is good for one claim
+        now = self.reactor.seconds()
+        claim = Claim(_new_claim_id(), target, str(request.ad.get("Schedd", "")), str(job.get("Owner", "")),
+                      started=now, last_activity=now)
+        self.claims[claim.claim_id.split("#")[0]] = claim
+        target.claim = claim
+        self._set_state(target, "Claimed", "Idle")
+        self._changed(target)
+        reply = classads.ClassAd()
+        reply["ClaimId"] = claim.claim_id
+        reply["SlotName"] = target.name
+        reply["SlotAd"] = self.slot_ad(target)
+        return reply
+
+    def activate(self, request: Request) -> classads.ClassAd:
+        from gwms.startd.starter import Starter
+
+        claim = self.claim_for(request)
+        if claim.starter is not None:
+            raise CommandError("BUSY", "the claim is running a job")
+        job = request.ad.get("JobAd")
+        if not isinstance(job, classads.ClassAd):
+            raise CommandError("MALFORMED_AD", "ACTIVATE_CLAIM needs a JobAd")
+        if str(job.get("Owner", "")) != claim.user:
+            raise CommandError("REFUSED", "a claim runs jobs of the user it was made for only")
+        claim.starter = Starter(self.reactor, self.switch, self.execute, claim.slot.name, job)
+        claim.job_id = f"{job.get('ClusterId')}.{job.get('ProcId')}"
+        claim.job_lease = float(_positive(job.get("JobLeaseDuration"), 2400))
+        claim.lease_deadline = self.reactor.seconds() + claim.job_lease
+        self._set_state(claim.slot, "Claimed", "Busy")
+        self._changed(claim.slot)
+        return classads.ClassAd()
+
+    def put_file(self, request: Request) -> classads.ClassAd:
+        claim = self.claim_for(request)
+        ad = request.ad
+        starter = self._starter(claim)
+        try:
+            starter.put(ad.get("Name"), _int(ad.get("Offset")), decode_chunk(ad.get("Data", "")),
+                        bool(ad.get("Final", False)), ad.get("Sha256"), bool(ad.get("Executable", False)))
+        except (TransferError, OSError) as e:
+            raise CommandError("TRANSFER_FAILED", str(e)) from None
+        return classads.ClassAd()
+
+    def start_job(self, request: Request) -> classads.ClassAd:
+        claim = self.claim_for(request)
+        starter = self._starter(claim)
+        try:
+            starter.start()
+        except (TransferError, OSError) as e:
+            raise CommandError("START_FAILED", str(e)) from None
+        starter.finished.addBoth(lambda _: self._job_ended(claim))
+        reply = classads.ClassAd()
+        reply["StarterPid"] = starter.process.pid or 0
+        return reply
+
+    def _job_ended(self, claim: Claim) -> None:
+        waiters, claim.waiters = claim.waiters, []
+        for d in waiters:
+            if not d.called:
+                d.callback(self._status(claim))
+
+    def _starter(self, claim: Claim) -> Any:
+        if claim.starter is None:
+            raise CommandError("NO_JOB", "the claim has no active job")
+        return claim.starter
+
+    def _status(self, claim: Claim, evicted: str | None = None) -> classads.ClassAd:
+        ad = classads.ClassAd()
+        starter = claim.starter
+        if evicted:
+            ad["Evicted"] = True
+            ad["Reason"] = evicted
+        result = starter.result if starter is not None else None
+        ad["Running"] = bool(starter is not None and starter.running)
+        usage = None
+        if result is not None and hasattr(result, "usage"):
+            ad["Exited"] = True
+            ad["ExitBySignal"] = result.exit_signal is not None
+            if result.exit_signal is not None:
+                ad["ExitSignal"] = result.exit_signal
+            else:
+                ad["ExitCode"] = result.exit_code if result.exit_code is not None else -1
+            ad["LeftoverProcessesKilled"] = result.leftover_processes_killed
+            usage = result.usage
+        elif starter is not None and starter.process is not None:
+            usage = starter.process.usage()
+        if usage is not None:
+            ad["RemoteUserCpu"] = float(usage.user_cpu)
+            ad["RemoteSysCpu"] = float(usage.sys_cpu)
+            ad["RemoteWallClockTime"] = float(usage.wall)
+            ad["ResidentSetSize"] = int(usage.peak_rss_kb)
+            ad["MemoryUsage"] = int((usage.peak_rss_kb + 1023) // 1024)
+        return ad
+
+    def wait_job(self, request: Request) -> Any:
+        claim = self.claim_for(request)
+        starter = self._starter(claim)
+        claim.lease_deadline = self.reactor.seconds() + claim.job_lease
+        if starter.result is not None or not starter.running and starter.process is not None:
+            return self._status(claim)
+        timeout = min(max(float(_positive(request.ad.get("Timeout"), 20)), 0.1), 30.0)
+        d: defer.Deferred[Any] = defer.Deferred()
+        claim.waiters.append(d)
+
+        def still_running() -> None:
+            if d in claim.waiters:
+                claim.waiters.remove(d)
+                d.callback(self._status(claim))
+
+        timer = self.reactor.callLater(timeout, still_running)
+        d.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
+        return d
+
+    def list_output(self, request: Request) -> Items:
+        starter = self._starter(self.claim_for(request))
+        if starter.running:
+            raise CommandError("RUNNING", "the job is still running")
+        items = []
+        for entry in starter.outputs():
+            ad = classads.ClassAd()
+            for k, v in entry.items():
+                ad[k] = v
+            items.append(ad)
+        return Items(items)
+
+    def get_file(self, request: Request) -> classads.ClassAd:
+        starter = self._starter(self.claim_for(request))
+        try:
+            data, eof = starter.read(request.ad.get("Name"), _int(request.ad.get("Offset")),
+                                     _int(request.ad.get("Length", 0)))
+        except (TransferError, OSError) as e:
+            raise CommandError("TRANSFER_FAILED", str(e)) from None
+        reply = classads.ClassAd()
+        reply["Data"] = encode_chunk(data)
+        reply["EOF"] = eof
+        return reply
+
+    def deactivate(self, request: Request) -> classads.ClassAd:
+        claim = self.claim_for(request)
+        self._end_job(claim)
+        reply = classads.ClassAd()
+        now = self.reactor.seconds()
+        if self.draining or now - claim.started >= self.settings["claim_worklife"]:
+            self.release(claim)
+            reply["Released"] = True
+        else:
+            reply["Released"] = False
+        return reply
+
+    def _end_job(self, claim: Claim) -> None:
+        starter, claim.starter = claim.starter, None
+        claim.job_id = ""
+        if starter is not None:
+            if starter.running:
+                starter.kill(0)
+            try:
+                starter.cleanup()
+            except OSError as e:
+                log.warn("sandbox cleanup failed ({error}); the startd sweeps it later", error=str(e))
+        if claim.slot.claim is claim:
+            self._set_state(claim.slot, "Claimed", "Idle")
+            self._changed(claim.slot)
+
+    def release_command(self, request: Request) -> Any:
+        claim = self.claim_for(request)
+        return self.release(claim)
+
+    def release(self, claim: Claim) -> defer.Deferred[Any]:
+        """Kill what runs (no grace: the schedd asked, or the lease is gone), free the slot."""
+        self.claims.pop(claim.claim_id.split("#")[0], None)
+        starter = claim.starter
+        killing = starter.kill(0) if starter is not None and starter.running else defer.succeed(None)
+
+        def freed(_: Any) -> classads.ClassAd:
+            self._end_job(claim)
+            slot = claim.slot
+            slot.claim = None
+            if slot.slot_type == "Dynamic" and slot.parent is not None:
+                parent = slot.parent
+                parent.cpus += slot.cpus
+                parent.memory += slot.memory
+                parent.disk += slot.disk
+                self.slots.pop(slot.name, None)
+                if self.invalidator is not None:
+                    self.invalidator(slot)
+                self._changed(parent)
+            else:
+                self._set_state(slot, "Unclaimed", "Idle")
+                self._changed(slot)
+            return classads.ClassAd()
+
+        return killing.addBoth(freed)
+
+    invalidator: Any = None
+
+    def kill_job(self, request: Request) -> Any:
+        claim = self.claim_for(request)
+        starter = self._starter(claim)
+        grace = float(_positive(request.ad.get("Grace"), 0) or 0)
+        return starter.kill(grace).addCallback(lambda _: self._status(claim))
+
+    # -- housekeeping -------------------------------------------------------------------------
+    def housekeeping(self) -> None:
+        """Release idle claims and claims whose job lease ran out (the shadow is gone)."""
+        now = self.reactor.seconds()
+        for claim in list(self.claims.values()):
+            if claim.starter is None and now - claim.last_activity > self.settings["idle_claim_timeout"]:
+                log.info("releasing idle claim on {slot}", slot=claim.slot.name)
+                self.release(claim)
+            elif claim.starter is not None and now > claim.lease_deadline:
+                log.warn("job lease of {job} on {slot} expired: killing it", job=claim.job_id, slot=claim.slot.name)
+                self.release(claim)
+
+    def shutdown(self, grace: float) -> defer.Deferred[Any]:
+        """Tell every shadow (their pending WAIT_JOB), give jobs ``grace``, kill them."""
+        self.draining = True
+        kills = []
+        for claim in list(self.claims.values()):
+            waiters, claim.waiters = claim.waiters, []
+            for d in waiters:
+                if not d.called:
+                    d.callback(self._status(claim, evicted="the startd is shutting down"))
+            if claim.starter is not None and claim.starter.running:
+                kills.append(claim.starter.kill(grace))
+        return defer.DeferredList(kills)
+
+    def commands(self) -> list[Command]:
+        return [
+            Command("REQUEST_CLAIM", "DAEMON", self.request_claim),
+            Command("ACTIVATE_CLAIM", "DAEMON", self.activate),
+            Command("PUT_FILE", "DAEMON", self.put_file),
+            Command("START_JOB", "DAEMON", self.start_job),
+            Command("WAIT_JOB", "DAEMON", self.wait_job),
+            Command("LIST_OUTPUT", "DAEMON", self.list_output),
+            Command("GET_FILE", "DAEMON", self.get_file),
+            Command("DEACTIVATE_CLAIM", "DAEMON", self.deactivate),
+            Command("RELEASE_CLAIM", "DAEMON", self.release_command),
+            Command("KILL_JOB", "DAEMON", self.kill_job),
+        ]
+
+
+def _positive(value: Any, default: float) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        return default
+    return int(value) if float(value).is_integer() else value
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise CommandError("MALFORMED_AD", "offsets and lengths are non-negative integers")
+    return value
+
+
+class StartdService(service.MultiService):
+    def __init__(self, reactor: Any, config: HostConfig) -> None:
+        from gwms.plugins import IDENTITY_SWITCHES, load_plugin
+        from gwms.interfaces import IIdentitySwitch
+
+        super().__init__()
+        self.reactor = reactor
+        settings = config.section("startd")
+        switch = load_plugin("identity switch", settings["identity_switch"], IDENTITY_SWITCHES, IIdentitySwitch, config)
+        self.startd = Startd(reactor, config, switch)
+        self.startd.advertiser = self.advertise
+        self.startd.invalidator = self.invalidate
+        self.collectors = collectors(reactor, config)
+        self.factory = message_factory(reactor, config, self.startd.commands())
+        host, port = settings["listen"]
+        self.listener = MessageListener(reactor, self.factory, (host, port), None, settings["address_file"])
+        self.listener.setServiceParent(self)
+        self.update_interval = settings["update_interval"]
+        self.grace = settings["shutdown_grace"]
+        self._updates = LoopingCall(self.advertise_all)
+        self._updates.clock = reactor
+        self._housekeeping = LoopingCall(self.startd.housekeeping)
+        self._housekeeping.clock = reactor
+
+    def startService(self) -> None:
+        from gwms.startd.process import become_subreaper, sweep_sandboxes
+
+        become_subreaper()
+        removed = sweep_sandboxes(self.startd.execute, keep=())
+        if removed:
+            log.info("removed {n} sandboxes left by an earlier startd", n=len(removed))
+        super().startService()
+        self.listener._listening.addCallback(self._listening)
+
+    def _listening(self, _: Any) -> None:
+        self.startd.address = str(self.listener.address)
+        self._updates.start(self.update_interval, now=True)
+        self._housekeeping.start(5.0, now=False)
+
+    def advertise(self, slot: Slot) -> None:
+        if not self.startd.address:
+            return
+        ad = self.startd.slot_ad(slot)
+        ad["ClassAdLifetime"] = int(3 * self.update_interval)
+        self.collectors.advertise(ad, "ADVERTISE_STARTD").addCallback(self._report)
+
+    def invalidate(self, slot: Slot) -> None:
+        query = classads.ClassAd()
+        query["TargetType"] = "Machine"
+        query["Name"] = slot.name
+        self.collectors.advertise(query, "ADVERTISE_STARTD", command="INVALIDATE")
+
+    def _report(self, results: list[Any]) -> None:
+        for r in results:
+            if hasattr(r, "getErrorMessage"):
+                log.warn("slot update failed: {error}", error=r.getErrorMessage())
+
+    def advertise_all(self) -> None:
+        for slot in list(self.startd.slots.values()):
+            self.advertise(slot)
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        for loop in (self._updates, self._housekeeping):
+            if loop.running:
+                loop.stop()
+        yield self.startd.shutdown(self.grace)
+        for slot in list(self.startd.slots.values()):
+            self.invalidate(slot)
+        for claim in list(self.startd.claims.values()):
+            self.startd._end_job(claim)
+        self.collectors.close()
+        yield super().stopService()
+
+
+class Options(DaemonOptions):
+    pass
+
+
+def makeService(options: Options) -> service.IService:
+    from twisted.internet import reactor
+
+    return StartdService(reactor, options["host_config"])
