@@ -54,6 +54,7 @@ __all__ = [
     "execute_event",
     "format_timestamp",
     "held_event",
+    "open_for_append",
     "reconnect_failed_event",
     "reconnected_event",
     "released_event",
@@ -98,8 +99,7 @@ def _one_line(text: str | None) -> str:
 def _name(text: str | None) -> str:
     """A startd name or address as one whitespace- and comma-free token (never empty,
     because the disconnect/reconnect parsers refuse the event without it)."""
-    token = _NAME_UNSAFE.sub("_", _one_line(text)).strip("_")
-    return token or "unknown"
+    return _NAME_UNSAFE.sub("_", _one_line(text)) or "unknown"
 
 
 def format_timestamp(when: float) -> str:

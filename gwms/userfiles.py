@@ -21,7 +21,7 @@ from typing import BinaryIO, Iterator
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-class UserFileError(Exception):
+class UserFileError(OSError):
     """A file operation refused for the user, with the path and the reason."""
 
 
@@ -98,7 +98,7 @@ def open_for_append(account: Account, path: Path) -> BinaryIO:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
         except OSError as e:
             raise UserFileError(f"cannot append to {path} as {account.user}: {e.strerror}") from None
-        return os.fdopen(fd, "ab")
+        return os.fdopen(fd, "ab", buffering=0)  # one write() per event: no interleaving
 
 
 def stat(account: Account, path: Path) -> os.stat_result:

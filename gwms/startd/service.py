@@ -73,6 +73,7 @@ class Claim:
     lease_deadline: float = 0.0
     starter: Any = None
     job_id: str = ""
+    submitter: str = ""  # user@domain, as the negotiator accounts usage
     waiters: list[defer.Deferred[Any]] = field(default_factory=list)
 
 
@@ -149,7 +150,7 @@ class Startd:
         for name, expr in self.extra.items():
             ad[name] = expr
         if slot.claim is not None:
-            ad["RemoteUser"] = slot.claim.user
+            ad["RemoteUser"] = slot.claim.submitter
             ad["RemoteOwner"] = slot.claim.user
             ad["RemoteScheddName"] = slot.claim.schedd
             if slot.claim.job_id:
@@ -221,7 +222,7 @@ class Startd:
             slot.capability = _new_claim_id()  # a capability is good for one claim
         now = self.reactor.seconds()
         claim = Claim(_new_claim_id(), target, str(request.ad.get("Schedd", "")), str(job.get("Owner", "")),
-                      started=now, last_activity=now)
+                      started=now, last_activity=now, submitter=str(job.get("User", job.get("Owner", ""))))
         self.claims[claim.claim_id.split("#")[0]] = claim
         target.claim = claim
         self._set_state(target, "Claimed", "Idle")

@@ -357,7 +357,7 @@ def test_writer_uses_the_opener_it_was_given_with_one_write_per_event(tmp_path):
 
     # A real file through a caller's opener is written the same way and reads back.
     real = tmp_path / "real.log"
-    EventLogWriter(lambda p: open(p, "ab", buffering=0)).append(real, texts[0])
+    EventLogWriter(lambda p: open(p, "ab", buffering=0)).append(real, texts[0])  # noqa: SIM115 -- the writer closes it
     assert [e.cluster for e in read_back(real)] == [5]
 
 

@@ -1,0 +1,320 @@
+"""Shadows: one object in the schedd per running job (not a process, so a schedd can hold many).
+
+A shadow holds a claim on a slot and runs jobs on it one after another: records the job as
+running (durably, before anything starts, so a job never runs twice), activates the claim, sends
+the input sandbox as the job's owner, starts the job, follows it with long-polls (which also keep
+the job lease alive), brings the output sandbox back as the owner, records the exit and the
+accounting, and asks the schedd for the next job of the same user that fits the slot. When the
+connection to the starter drops, the job keeps running for its lease while the shadow reconnects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from gwms import classads, eventlog, userfiles
+from gwms.protocols.messages import CommandError, ConnectionFailed
+from gwms.protocols.transfer import CHUNK, STDERR, STDOUT, TransferError, decode_chunk, encode_chunk
+from gwms.schedd.queue import COMPLETED, HELD, IDLE, RUNNING, format_job_id
+
+if TYPE_CHECKING:
+    from gwms.schedd.service import Schedd
+
+log = Logger()
+
+
+class JobProblem(Exception):
+    """Something about the job itself (a missing input file, an unwritable output): hold it."""
+
+
+@dataclass
+class ClaimHandle:
+    client: Any  # DaemonClient to the startd
+    claim_id: str
+    slot_name: str
+    slot_ad: classads.ClassAd
+    startd_address: str
+
+
+class Shadow:
+    def __init__(self, schedd: "Schedd", claim: ClaimHandle, job_id: tuple[int, int]) -> None:
+        self.schedd = schedd
+        self.claim = claim
+        self.job_id = job_id
+        self.kill_request: tuple[int, str] | None = None  # (status to set, reason)
+        self.reconnecting = False
+
+    @property
+    def name(self) -> str:
+        return format_job_id(self.job_id)
+
+    def call(self, command: str, ad: classads.ClassAd, timeout: float | None = None) -> defer.Deferred[Any]:
+        ad["ClaimId"] = self.claim.claim_id
+        return self.claim.client.call(command, ad, "DAEMON", timeout)
+
+    # -- the claim's life -----------------------------------------------------------------------
+    @defer.inlineCallbacks
+    def run_claim(self, reconnect: bool = False) -> Any:
+        """Run jobs on this claim until there is none left for it, then release it."""
+        while self.job_id is not None:
+            self.schedd.shadows[self.job_id] = self
+            try:
+                if reconnect:
+                    keep = yield self.follow(reconnect=True)
+                    reconnect = False
+                else:
+                    keep = yield self.run_job()
+            finally:
+                self.schedd.shadows.pop(self.job_id, None)
+            if not keep:
+                return
+            self.job_id = self.schedd.next_job_for(self.claim)
+        try:
+            yield self.call("RELEASE_CLAIM", classads.ClassAd())
+        except (CommandError, ConnectionFailed) as e:
+            log.info("release of {slot} failed: {error}", slot=self.claim.slot_name, error=str(e))
+
+    @defer.inlineCallbacks
+    def run_job(self) -> Any:
+        """One job on the claim. Fires True if the claim may take another job."""
+        schedd, queue = self.schedd, self.schedd.queue
+        job = queue.job(self.job_id)
+        if job is None or queue.get(self.job_id, "JobStatus") != IDLE:
+            return True
+        account = schedd.account_of(job)
+        now = schedd.reactor.seconds()
+        queue.set_status(self.job_id, RUNNING, now=now)
+        queue.set(self.job_id, {"RemoteHost": self.claim.slot_name, "StartdAddress": self.claim.startd_address,
+                                "ClaimId": self.claim.claim_id, "JobCurrentStartDate": int(now),
+                                "ShadowBday": int(now)})
+        queue.commit()  # durable before the job can start anywhere
+        try:
+            yield self.call("ACTIVATE_CLAIM", _with(JobAd=job))
+            yield self.send_input(job, account)
+            yield self.call("START_JOB", classads.ClassAd())
+        except (JobProblem, TransferError, userfiles.UserFileError) as e:
+            yield self._abandon_start(job)
+            schedd.hold(self.job_id, f"Error before the job started: {e}", code=13)
+            return True
+        except CommandError as e:
+            yield self._abandon_start(job)
+            if e.code in ("TRANSFER_FAILED", "START_FAILED"):
+                schedd.hold(self.job_id, f"Error from {self.claim.slot_name}: {e.message}", code=13)
+                return True
+            schedd.requeue(self.job_id, f"the startd refused the job: {e.message}")
+            return False
+        except ConnectionFailed as e:
+            schedd.requeue(self.job_id, f"lost the startd before the job started: {e}")
+            return False
+        starts = (queue.get(self.job_id, "NumJobStarts") or 0) + 1
+        values = {"NumJobStarts": starts, "JobRunCount": starts}
+        if not queue.get(self.job_id, "JobStartDate"):
+            values["JobStartDate"] = int(now)
+        queue.set(self.job_id, values)
+        schedd.event(job, eventlog.execute_event(*self.job_id, schedd.reactor.seconds(),
+                                                 f"<{self.claim.startd_address}>", self.claim.slot_name))
+        keep = yield self.follow()
+        return keep
+
+    @defer.inlineCallbacks
+    def _abandon_start(self, job: classads.ClassAd) -> Any:
+        try:
+            yield self.call("DEACTIVATE_CLAIM", classads.ClassAd())
+        except (CommandError, ConnectionFailed):
+            pass
+
+    # -- input sandbox --------------------------------------------------------------------------
+    def input_files(self, job: classads.ClassAd) -> list[tuple[Path, bool]]:
+        iwd = Path(str(job.get("Iwd", "/")))
+        files: list[tuple[Path, bool]] = []
+        if job.get("TransferExecutable", True) is not False:
+            files.append((iwd / str(job.get("Cmd")), True))
+        stdin = str(job.get("In", "/dev/null") or "/dev/null")
+        if stdin != "/dev/null":
+            files.append((iwd / stdin, False))
+        for name in str(job.get("TransferInput", "") or "").split(","):
+            if name.strip():
+                files.append((iwd / name.strip(), False))
+        return files
+
+    @defer.inlineCallbacks
+    def send_input(self, job: classads.ClassAd, account: userfiles.Account) -> Any:
+        seen: set[str] = set()
+        for path, executable in self.input_files(job):
+            name = path.name
+            if name in seen:
+                continue
+            seen.add(name)
+            f = userfiles.open_for_reading(account, path)
+            try:
+                digest = hashlib.sha256()
+                offset = 0
+                while True:
+                    data = f.read(CHUNK)
+                    digest.update(data)
+                    final = len(data) < CHUNK
+                    ad = _with(Name=name, Offset=offset, Data=encode_chunk(data), Final=final,
+                               Executable=executable)
+                    if final:
+                        ad["Sha256"] = digest.hexdigest()
+                    yield self.call("PUT_FILE", ad)
+                    offset += len(data)
+                    if final:
+                        break
+            finally:
+                f.close()
+
+    # -- following the running job --------------------------------------------------------------
+    @defer.inlineCallbacks
+    def follow(self, reconnect: bool = False) -> Any:
+        schedd, queue = self.schedd, self.schedd.queue
+        lease = float(queue.get(self.job_id, "JobLeaseDuration") or 2400)
+        last_contact = schedd.reactor.seconds()
+        disconnected = reconnect
+        if reconnect:
+            self._event_disconnected("the schedd restarted")
+        while True:
+            if self.kill_request is not None:
+                return (yield self._kill())
+            try:
+                status = yield self.call("WAIT_JOB", _with(Timeout=20), timeout=40)
+            except ConnectionFailed as e:
+                if not disconnected:
+                    disconnected = True
+                    self._event_disconnected(str(e))
+                if schedd.reactor.seconds() - last_contact > lease:
+                    schedd.event_for(self.job_id, lambda t: eventlog.reconnect_failed_event(
+                        *self.job_id, t, "the job lease expired", self.claim.slot_name))
+                    schedd.requeue(self.job_id, "the job lease expired while disconnected", evicted=False)
+                    return False
+                yield task.deferLater(schedd.reactor, schedd.reconnect_interval, lambda: None)
+                continue
+            except CommandError as e:
+                if e.code in ("UNKNOWN_CLAIM", "NO_JOB"):
+                    schedd.requeue(self.job_id, "the starter no longer has the job")
+                    return False
+                raise
+            last_contact = schedd.reactor.seconds()
+            if disconnected:
+                disconnected = False
+                schedd.event_for(self.job_id, lambda t: eventlog.reconnected_event(
+                    *self.job_id, t, self.claim.slot_name, f"<{self.claim.startd_address}>",
+                    f"<{self.claim.startd_address}>"))
+            self._record_usage(status)
+            if status.get("Evicted", False):
+                schedd.requeue(self.job_id, str(status.get("Reason", "evicted")), usage=status)
+                return False
+            if status.get("Exited", False):
+                break
+        return (yield self.finish(status))
+
+    def _event_disconnected(self, reason: str) -> None:
+        self.schedd.event_for(self.job_id, lambda t: eventlog.disconnected_event(
+            *self.job_id, t, reason, self.claim.slot_name, f"<{self.claim.startd_address}>"))
+
+    def _record_usage(self, status: classads.ClassAd) -> None:
+        values = {k: status[k] for k in ("RemoteUserCpu", "RemoteSysCpu", "ResidentSetSize", "MemoryUsage")
+                  if k in status}
+        if values:
+            self.schedd.queue.set(self.job_id, values)
+
+    @defer.inlineCallbacks
+    def _kill(self) -> Any:
+        status, reason = self.kill_request
+        try:
+            result = yield self.call("KILL_JOB", _with(Grace=0))
+            self._record_usage(result)
+            yield self.call("DEACTIVATE_CLAIM", classads.ClassAd())
+        except (CommandError, ConnectionFailed) as e:
+            log.info("kill of {job} on {slot}: {error}", job=self.name, slot=self.claim.slot_name, error=str(e))
+        self.schedd.finish_kill(self.job_id, status, reason)
+        return False
+
+    # -- output sandbox and completion -----------------------------------------------------------
+    @defer.inlineCallbacks
+    def finish(self, status: classads.ClassAd) -> Any:
+        schedd, queue = self.schedd, self.schedd.queue
+        job = queue.job(self.job_id)
+        account = schedd.account_of(job)
+        try:
+            yield self.fetch_output(job, account)
+        except (JobProblem, TransferError, userfiles.UserFileError) as e:
+            yield self._deactivate()
+            schedd.hold(self.job_id, f"Error transferring output: {e}", code=12)
+            return True
+        except CommandError as e:
+            yield self._deactivate()
+            schedd.hold(self.job_id, f"Error transferring output from {self.claim.slot_name}: {e.message}", code=12)
+            return True
+        except ConnectionFailed as e:
+            schedd.requeue(self.job_id, f"lost the startd while fetching output: {e}")
+            return False
+        schedd.complete(self.job_id, status)
+        return (yield self._deactivate())
+
+    @defer.inlineCallbacks
+    def _deactivate(self) -> Any:
+        try:
+            reply = yield self.call("DEACTIVATE_CLAIM", classads.ClassAd())
+        except (CommandError, ConnectionFailed):
+            return False
+        return not reply.get("Released", False)
+
+    @defer.inlineCallbacks
+    def fetch_output(self, job: classads.ClassAd, account: userfiles.Account) -> Any:
+        final, items = yield self.claim.client.call("LIST_OUTPUT", _with(ClaimId=self.claim.claim_id), "DAEMON",
+                                                    stream=True)
+        iwd = Path(str(job.get("Iwd", "/")))
+        for raw in items:
+            entry = classads.decode(raw)
+            name = str(entry.get("Name"))
+            target = self._output_path(job, iwd, name)
+            if target is None:
+                continue
+            if entry.get("Missing", False):
+                if name in (STDOUT, STDERR):
+                    continue
+                raise JobProblem(f"the job did not make its output file {name}")
+            out = userfiles.open_for_writing(account, target)
+            try:
+                digest = hashlib.sha256()
+                offset = 0
+                while True:
+                    reply = yield self.call("GET_FILE", _with(Name=name, Offset=offset, Length=CHUNK))
+                    data = decode_chunk(reply.get("Data", ""))
+                    out.write(data)
+                    digest.update(data)
+                    offset += len(data)
+                    if reply.get("EOF", True) or not data:
+                        break
+            finally:
+                out.close()
+            if digest.hexdigest() != entry.get("Sha256"):
+                raise JobProblem(f"{name}: SHA-256 mismatch after transfer")
+
+    @staticmethod
+    def _output_path(job: classads.ClassAd, iwd: Path, name: str) -> Path | None:
+        if name == STDOUT:
+            out = str(job.get("Out", "/dev/null") or "/dev/null")
+            return None if out == "/dev/null" else iwd / out
+        if name == STDERR:
+            err = str(job.get("Err", "/dev/null") or "/dev/null")
+            return None if err == "/dev/null" else iwd / err
+        return iwd / os.path.basename(name)
+
+
+def _with(**values: Any) -> classads.ClassAd:
+    ad = classads.ClassAd()
+    for k, v in values.items():
+        ad[k] = v
+    return ad
+
+
+__all__ = ["ClaimHandle", "Shadow", "COMPLETED", "HELD"]
