@@ -56,11 +56,12 @@ def creds(tmp_path_factory) -> Credentials:
 class Daemon:
     """A ``twistd -n gwms-<role>`` child process; ``address`` once it listens."""
 
-    def __init__(self, role: str, config: Path, workdir: Path) -> None:
+    def __init__(self, role: str, config: Path, workdir: Path, address_name: str | None = None) -> None:
         self.role = role
         self.config = config
-        self.log = workdir / f"{role}.log"
-        self.address_file = workdir / f"{role}.address"
+        self.workdir = workdir
+        self.log = workdir / f"{address_name or role}.log"
+        self.address_file = workdir / f"{address_name or role}.address"
         self.address_file.unlink(missing_ok=True)
         self.process = subprocess.Popen(
             [*twistd_command(), "--nodaemon", "--pidfile=", "--logfile", str(self.log),
@@ -81,6 +82,13 @@ class Daemon:
     def log_text(self) -> str:
         return self.log.read_text() if self.log.exists() else "(no log)"
 
+    def kill9(self) -> None:
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def restart(self) -> "Daemon":
+        return Daemon(self.role, self.config, self.workdir, self.address_file.name[:-len(".address")])
+
     def stop(self) -> int:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
@@ -96,8 +104,8 @@ class Daemon:
 def start_daemon():
     started: list[Daemon] = []
 
-    def start(role: str, config: Path, workdir: Path) -> Daemon:
-        d = Daemon(role, config, workdir)
+    def start(role: str, config: Path, workdir: Path, address_name: str | None = None) -> Daemon:
+        d = Daemon(role, config, workdir, address_name)
         started.append(d)
         return d
 

@@ -1,0 +1,184 @@
+"""Job queue benchmark: one durable 100,000-proc submit, reopening it, and a schedd-like churn.
+
+Everything goes through ``gwms.schedd.queue.JobQueue`` directly (no daemon, no network):
+
+* ``submit``: build a cluster ad with the attributes condor_submit typically writes, and one
+  proc ad per proc (ProcId, Arguments, Out, Err differ per proc), then ``new_cluster()`` +
+  ``submit()``; the time includes building and encoding the ads and the fsynced commit.
+* ``reopen``: close, then open the file again (loads and decodes every ad).
+* ``churn``: a schedd running short jobs on a few slots.  Each reactor "turn" finishes the
+  jobs on every slot (a few attribute updates, COMPLETED, retire into the history: durable),
+  starts the next idle jobs (RUNNING plus the attributes a shadow records), and commits once.
+  Reported as jobs/s.
+
+Resident memory (VmRSS) is read from /proc/self/status.  Prints one JSON object.
+
+    python bench/submit.py [--procs 100000] [--churn-jobs 2000] [--slots 8] [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gwms import classads  # noqa: E402
+from gwms.schedd.queue import COMPLETED, RUNNING, JobQueue  # noqa: E402
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
+def cluster_ad(cluster_id: int) -> classads.ClassAd:
+    """About 25 attributes, as condor_submit writes them for a typical vanilla job."""
+    ad = classads.parse_new(
+        "["
+        f"ClusterId = {cluster_id}; "
+        'Owner = "alice"; User = "alice@submit.example.org"; AcctGroup = "cms"; '
+        'Cmd = "/home/alice/analysis/run.sh"; Iwd = "/home/alice/analysis"; JobUniverse = 5; '
+        'In = "/dev/null"; UserLog = "/home/alice/analysis/jobs.log"; '
+        "RequestCpus = 1; RequestMemory = 2048; RequestDisk = 1000000; "
+        'Requirements = TARGET.OpSys == "LINUX" && TARGET.Arch == "X86_64" && TARGET.Memory >= RequestMemory '
+        "&& TARGET.Disk >= RequestDisk && member(TARGET.GLIDEIN_Site, split(DESIRED_Sites)); "
+        "Rank = 0; JobPrio = 0; NiceUser = false; "
+        'ShouldTransferFiles = "YES"; WhenToTransferOutput = "ON_EXIT"; TransferInput = "input.tar.gz,config.json"; '
+        'x509userproxy = "/tmp/x509up_u1000"; DESIRED_Sites = "T2_US_Nebraska,T2_US_Wisconsin,T2_DE_DESY"; '
+        "MaxWallTimeMins = 720; CompletionDate = 0; NumJobStarts = 0; JobLeaseDuration = 2400; "
+        'Environment = "ANALYSIS_MODE=full CMSSW_VERSION=13_0_1"; '
+        "PeriodicRemove = JobStatus == 5 && time() - EnteredCurrentStatus > 86400"
+        "]"
+    )
+    return ad
+
+
+def proc_ads(cluster_id: int, procs: int) -> list[classads.ClassAd]:
+    ads = []
+    for proc in range(procs):
+        ad = classads.ClassAd()
+        ad["ProcId"] = proc
+        ad["Arguments"] = f"--seed {1000 + proc} --events 5000 --output out_{cluster_id}_{proc}.root"
+        ad["Out"] = f"logs/job.{cluster_id}.{proc}.out"
+        ad["Err"] = f"logs/job.{cluster_id}.{proc}.err"
+        ads.append(ad)
+    return ads
+
+
+def bench_submit(path: Path, procs: int) -> dict[str, object]:
+    rss_before = rss_mib()
+    start = time.perf_counter()
+    queue = JobQueue(path)
+    opened = time.perf_counter()
+    cluster = queue.new_cluster()
+    ad = cluster_ad(cluster)
+    ads = proc_ads(cluster, procs)
+    built = time.perf_counter()
+    ids = queue.submit(ad, ads)
+    done = time.perf_counter()
+    assert len(ids) == procs and len(queue) == procs
+    del ads  # what the caller built is not the queue's memory
+    rss_queued = rss_mib()
+    queue.close()
+    closed = time.perf_counter()
+
+    reopen_start = time.perf_counter()
+    queue = JobQueue(path)
+    reopened = time.perf_counter()
+    assert len(queue) == procs
+    rss_reopened = rss_mib()
+    # A sample of what a schedd does next: query the queue.
+    t = time.perf_counter()
+    idle = len(queue.ids(status=1))
+    ids_ms = (time.perf_counter() - t) * 1000
+    t = time.perf_counter()
+    matched = sum(1 for _ in queue.jobs(f"ProcId % 1000 == 7 && Owner == {classads.quote('alice')}"))
+    constraint_s = time.perf_counter() - t
+    queue.close()
+    return {
+        "procs": procs,
+        "submit_total_s": round(done - start, 3),
+        "submit_build_ads_s": round(built - opened, 3),
+        "submit_call_s": round(done - built, 3),
+        "close_s": round(closed - done, 3),
+        "reopen_s": round(reopened - reopen_start, 3),
+        "idle_ids_ms": round(ids_ms, 2),
+        "constraint_scan_s": round(constraint_s, 3),
+        "constraint_matches": matched,
+        "idle": idle,
+        "db_bytes": path.stat().st_size,
+        "rss_mib_before": rss_before,
+        "rss_mib_after_submit": rss_queued,
+        "rss_mib_after_reopen": rss_reopened,
+    }
+
+
+def bench_churn(path: Path, jobs: int, slots: int) -> dict[str, object]:
+    queue = JobQueue(path)
+    cluster = queue.new_cluster()
+    queue.submit(cluster_ad(cluster), proc_ads(cluster, jobs))
+    idle = queue.ids(status=1)
+    running: list[tuple[int, int]] = []
+    turns = 0
+    updates = 0
+    start = time.perf_counter()
+    while idle or running:
+        turns += 1
+        finished = running
+        for job_id in finished:  # what a shadow reports at the end of a job
+            queue.set(job_id, {"RemoteWallClockTime": 12.0, "RemoteUserCpu": 10.5, "ImageSize": 2048, "ExitCode": 0})
+            queue.set_status(job_id, COMPLETED)
+            updates += 2
+        if finished:
+            queue.retire(finished)  # durable; also commits everything pending
+        running = idle[:slots]
+        idle = idle[slots:]
+        for n, job_id in enumerate(running):  # a claim starts the next job
+            queue.set_status(job_id, RUNNING)
+            queue.set(job_id, {"RemoteHost": f"slot{n + 1}@wn1.example.org", "NumJobStarts": 1, "JobCurrentStartDate": int(time.time())})
+            updates += 2
+        queue.commit()  # once per reactor turn
+    elapsed = time.perf_counter() - start
+    assert len(queue) == 0
+    history = sum(1 for _ in queue.history(limit=jobs))
+    queue.close()
+    return {
+        "jobs": jobs,
+        "slots": slots,
+        "turns": turns,
+        "update_calls": updates,
+        "elapsed_s": round(elapsed, 3),
+        "jobs_per_s": round(jobs / elapsed, 1),
+        "history_rows": history,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--procs", type=int, default=100_000)
+    parser.add_argument("--churn-jobs", type=int, default=2000)
+    parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--dir", type=Path, default=None, help="where the database files go (default: a temporary directory)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        result = {
+            "python": sys.version.split()[0],
+            "cpus": os.cpu_count(),
+            "submit": bench_submit(Path(tmp) / "submit.db", args.procs),
+            "churn": bench_churn(Path(tmp) / "churn.db", args.churn_jobs, args.slots),
+        }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
