@@ -9,9 +9,12 @@ Everything goes through ``gwms.schedd.queue.JobQueue`` directly (no daemon, no n
 * ``churn``: a schedd running short jobs on a few slots.  Each reactor "turn" finishes the
   jobs on every slot (a few attribute updates, COMPLETED, retire into the history: durable),
   starts the next idle jobs (RUNNING plus the attributes a shadow records), and commits once.
-  Reported as jobs/s.
+  Reported as jobs/s; ``churn_commit_per_event`` is the same work committed after every
+  single job event instead (two fsyncs per job), the worst case.
 
-Resident memory (VmRSS) is read from /proc/self/status.  Prints one JSON object.
+Resident memory (VmRSS) is read from /proc/self/status, in the benchmark process (which also
+holds the freed heap of the ads it built) and in a fresh process that only opens the queue
+(``reopen_in_fresh_process``: the queue's own footprint).  Prints one JSON object.
 
     python bench/submit.py [--procs 100000] [--churn-jobs 2000] [--slots 8] [--dir DIR]
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,8 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gwms import classads  # noqa: E402
-from gwms.schedd.queue import COMPLETED, RUNNING, JobQueue  # noqa: E402
+from gwms import classads
+from gwms.schedd.queue import COMPLETED, RUNNING, JobQueue
 
 
 def rss_mib() -> float:
@@ -75,6 +79,26 @@ def proc_ads(cluster_id: int, procs: int) -> list[classads.ClassAd]:
     return ads
 
 
+def reopen_only(path: Path) -> dict[str, object]:
+    """Open an existing queue in this (fresh) process: its RSS is the queue's own footprint,
+    with none of the freed heap the submitting process keeps."""
+    rss_before = rss_mib()
+    start = time.perf_counter()
+    queue = JobQueue(path)
+    elapsed = time.perf_counter() - start
+    jobs = len(queue)
+    rss_after = rss_mib()
+    queue.close()
+    return {"jobs": jobs, "open_s": round(elapsed, 3), "rss_mib_before_open": rss_before, "rss_mib_after_open": rss_after}
+
+
+def bench_reopen_fresh_process(path: Path) -> dict[str, object]:
+    output = subprocess.run(
+        [sys.executable, __file__, "--reopen-only", str(path)], check=True, capture_output=True, text=True
+    ).stdout
+    return json.loads(output)
+
+
 def bench_submit(path: Path, procs: int) -> dict[str, object]:
     rss_before = rss_mib()
     start = time.perf_counter()
@@ -105,6 +129,7 @@ def bench_submit(path: Path, procs: int) -> dict[str, object]:
     matched = sum(1 for _ in queue.jobs(f"ProcId % 1000 == 7 && Owner == {classads.quote('alice')}"))
     constraint_s = time.perf_counter() - t
     queue.close()
+    fresh = bench_reopen_fresh_process(path)
     return {
         "procs": procs,
         "submit_total_s": round(done - start, 3),
@@ -120,7 +145,26 @@ def bench_submit(path: Path, procs: int) -> dict[str, object]:
         "rss_mib_before": rss_before,
         "rss_mib_after_submit": rss_queued,
         "rss_mib_after_reopen": rss_reopened,
+        "reopen_in_fresh_process": fresh,
     }
+
+
+def bench_churn_unbatched(path: Path, jobs: int) -> dict[str, object]:
+    """The worst case: a schedd that commits after every single job event (two fsyncs per job)."""
+    queue = JobQueue(path)
+    cluster = queue.new_cluster()
+    ids = queue.submit(cluster_ad(cluster), proc_ads(cluster, jobs))
+    start = time.perf_counter()
+    for job_id in ids:
+        queue.set_status(job_id, RUNNING)
+        queue.set(job_id, {"RemoteHost": "slot1@wn1.example.org", "NumJobStarts": 1, "JobCurrentStartDate": int(time.time())})
+        queue.commit()
+        queue.set(job_id, {"RemoteWallClockTime": 12.0, "RemoteUserCpu": 10.5, "ImageSize": 2048, "ExitCode": 0})
+        queue.set_status(job_id, COMPLETED)
+        queue.retire([job_id])
+    elapsed = time.perf_counter() - start
+    queue.close()
+    return {"jobs": jobs, "commits": 2 * jobs, "elapsed_s": round(elapsed, 3), "jobs_per_s": round(jobs / elapsed, 1)}
 
 
 def bench_churn(path: Path, jobs: int, slots: int) -> dict[str, object]:
@@ -169,13 +213,18 @@ def main() -> None:
     parser.add_argument("--churn-jobs", type=int, default=2000)
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--dir", type=Path, default=None, help="where the database files go (default: a temporary directory)")
+    parser.add_argument("--reopen-only", type=Path, default=None, help=argparse.SUPPRESS)  # the fresh-process half
     args = parser.parse_args()
+    if args.reopen_only is not None:
+        print(json.dumps(reopen_only(args.reopen_only)))
+        return
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         result = {
             "python": sys.version.split()[0],
             "cpus": os.cpu_count(),
             "submit": bench_submit(Path(tmp) / "submit.db", args.procs),
             "churn": bench_churn(Path(tmp) / "churn.db", args.churn_jobs, args.slots),
+            "churn_commit_per_event": bench_churn_unbatched(Path(tmp) / "unbatched.db", args.churn_jobs),
         }
     print(json.dumps(result, indent=2))
 

@@ -27,7 +27,7 @@ Other differences are listed where they are made (search for "condor_submit").
 from __future__ import annotations
 
 import difflib
-import math
+import itertools
 import os
 import re
 import time
@@ -39,14 +39,14 @@ from typing import Final
 from gwms import classads
 
 __all__ = [
+    "SUPPORTED_COMMANDS",
     "SubmitError",
     "SubmitResult",
-    "parse_submit",
-    "split_arguments",
+    "format_environment",
     "join_arguments",
     "parse_environment",
-    "format_environment",
-    "SUPPORTED_COMMANDS",
+    "parse_submit",
+    "split_arguments",
 ]
 
 
@@ -241,7 +241,15 @@ def _v2_quoted_to_raw(command: str, value: str) -> str:
         return "".join(out)
 
 
+_ARG_SPLIT_RE = re.compile(r"[ \t\n\r]+")
+_V1_TRICKY_RE = re.compile(r"[\"\\']")
+
+
 def _parse_arguments(value: str) -> str:
+    if not _V1_TRICKY_RE.search(value):
+        # Old syntax without quotes or backslashes (the common case, and the per-proc one in
+        # big clusters): the V2 string is the words joined by single spaces.
+        return " ".join(a for a in _ARG_SPLIT_RE.split(value) if a)
     if value.lstrip(_WS).startswith('"'):
         raw = _v2_quoted_to_raw("arguments", value)
         try:
@@ -258,8 +266,7 @@ def _parse_arguments(value: str) -> str:
                     f"unbalanced quotes: unescaped double quote at column {j + 1} of {value!r} "
                     '(old syntax: write \\" ; new syntax: put the whole value in double quotes)',
                 )
-        argv = value.replace('\\"', '"').split()
-        argv = [a for a in re.split(r"[ \t\n\r]+", value.replace('\\"', '"')) if a]
+        argv = [a for a in _ARG_SPLIT_RE.split(value.replace('\\"', '"')) if a]
     return join_arguments(argv)
 
 
@@ -475,6 +482,12 @@ def _expr(command: str, text: str, cache: dict[str, classads.ExprTree]) -> class
     if tree is None:
         try:
             tree = classads.parse_expr(text)
+            if "\\" in text:
+                # An escape such as "\377" can make a string that is not UTF-8, which the
+                # schedd could store but nobody could read back: refuse it here.
+                holder = classads.ClassAd()
+                holder["v"] = tree
+                classads.decode(classads.encode(holder))
         except classads.ClassAdError as e:
             raise _BadValue(command, f"bad {command} expression: {e}") from None
         cache[text] = tree
@@ -501,12 +514,23 @@ def _quantity(command: str, value: str, base: int, cache: dict[str, classads.Exp
             raise _BadValue(command, f"bad number for {command}: {value!r} is too large")
         return result
     if value.lstrip(_WS)[:1] in tuple("0123456789+-."):
-        what = "an integer" if base == 1 else "a number with an optional unit K, M, G or T (e.g. 2GB)"
-        raise _BadValue(command, f"bad number for {command}: {value!r} (expected {what})")
+        raise _BadValue(command, f"bad number for {command}: {value!r} (expected a number with an optional unit K, M, G or T, e.g. 2GB)")
     try:
-        return classads.parse_expr(value)
-    except classads.ClassAdError as e:
-        raise _BadValue(command, f"bad number for {command}: {value!r} is neither a number nor a ClassAd expression ({e})") from None
+        return _expr(command, value, cache)
+    except _BadValue as e:
+        raise _BadValue(command, f"bad number for {command}: {value!r} is neither a number nor a ClassAd expression ({e.reason})") from None
+
+
+def _count(command: str, value: str, cache: dict[str, classads.ExprTree]) -> int | classads.ExprTree:
+    """request_cpus: a whole number (no units), or a ClassAd expression as in condor_submit."""
+    if re.fullmatch(r"[ \t\n\r\v\f]*[+-]?[0-9]+[ \t\n\r\v\f]*", value):
+        return _int_value(command, value)
+    if value.lstrip(_WS)[:1] in tuple("0123456789+-."):
+        raise _BadValue(command, f"bad number for {command}: {value!r} (expected a whole number)")
+    try:
+        return _expr(command, value, cache)
+    except _BadValue as e:
+        raise _BadValue(command, f"bad number for {command}: {value!r} is neither a number nor a ClassAd expression ({e.reason})") from None
 
 
 def _int_value(command: str, value: str, minimum: int = 0) -> int:
@@ -544,7 +568,7 @@ def _mentions_opsys(expr: classads.ExprTree) -> bool:
     # OpSys* name: OpSys, OpSysAndVer, OpSysMajorVer, ...), not at the text.
     try:
         refs = classads.ClassAd().externalRefs(expr)
-    except Exception:  # classad2 failing here must not hide the user's own requirements
+    except (ValueError, SystemError, RuntimeError):  # e.g. a name that is not UTF-8
         return "opsys" in repr(expr).lower()
     return any(ref.rsplit(".", 1)[-1].lower().startswith("opsys") for ref in refs)
 
@@ -552,7 +576,7 @@ def _mentions_opsys(expr: classads.ExprTree) -> bool:
 class _Context:
     """What the attribute builders need besides command values."""
 
-    __slots__ = ("submit_dir", "exprs")
+    __slots__ = ("exprs", "submit_dir")
 
     def __init__(self, submit_dir: str) -> None:
         self.submit_dir = submit_dir
@@ -652,7 +676,7 @@ _BUILDERS: Final[list[tuple[tuple[str, ...], _Builder]]] = [
     (("transfer_input_files",), _simple("TransferInput", "transfer_input_files", lambda ctx, v: _file_list(v))),
     (("transfer_output_files",), _simple("TransferOutput", "transfer_output_files", lambda ctx, v: _file_list(v))),
     (("should_transfer_files", "when_to_transfer_output"), _b_transfer),
-    (("request_cpus",), _simple("RequestCpus", "request_cpus", lambda ctx, v: _quantity("request_cpus", v, 1, ctx.exprs), 1)),
+    (("request_cpus",), _simple("RequestCpus", "request_cpus", lambda ctx, v: _count("request_cpus", v, ctx.exprs), 1)),
     (("request_memory",), _simple("RequestMemory", "request_memory", lambda ctx, v: _quantity("request_memory", v, 1 << 20, ctx.exprs), DEFAULT_REQUEST_MEMORY)),
     (("request_disk",), _simple("RequestDisk", "request_disk", lambda ctx, v: _quantity("request_disk", v, 1 << 10, ctx.exprs), DEFAULT_REQUEST_DISK)),
     (("requirements",), _b_requirements),
@@ -706,32 +730,75 @@ def _skip_match_time(text: str, i: int) -> int:
     return len(text)  # unclosed: the rest is left as it is
 
 
+class _Ref:
+    """A per-proc macro (``$(Process)``, a queue variable, ...) left in a :data:`_Template`."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+# An expanded value: a str when it is the same for every proc of a queue statement, else a
+# tuple of literal pieces and _Refs that is filled in for each proc.
+_Template = str | tuple[str | _Ref, ...]
+
+
+class _Compiled:
+    """A template ready to fill in quickly: ``fmt.format(*values of names)``."""
+
+    __slots__ = ("fmt", "names", "static_len")
+
+    def __init__(self, template: tuple[str | _Ref, ...]) -> None:
+        pieces = []
+        names = []
+        static_len = 0
+        for part in template:
+            if isinstance(part, _Ref):
+                pieces.append(f"{{{len(names)}}}")
+                names.append(part.name)
+            else:
+                pieces.append(part.replace("{", "{{").replace("}", "}}"))
+                static_len += len(part)
+        self.fmt = "".join(pieces)
+        self.names = tuple(names)
+        self.static_len = static_len
+
+    def render(self, proc: Mapping[str, str]) -> str:
+        values = [proc[name] for name in self.names]
+        if len(values) > 1 and self.static_len + sum(map(len, values)) > _MAX_VALUE:
+            raise _MacroError(f"a value expands to more than {_MAX_VALUE} characters")
+        return self.fmt.format(*values)
+
+
 class _Expander:
     """$(name) expansion for the procs of one queue statement.
 
     Values are expanded when used, at queue time, as condor_submit does, so a command may
-    refer to a macro defined after it.  A static pass finds out which values depend on the
-    proc (``$(Process)``, ``$(Item)``, queue variables, ...); those alone are expanded again
-    for every proc, everything else once.
+    refer to a macro defined after it.  Expansion is done once per statement: what depends on
+    the proc (``$(Process)``, ``$(Item)``, queue variables: the ``dynamic`` names) is left in
+    the result as a _Ref, so that each proc costs one ``str.format`` and not a re-expansion.
+    Values of queue variables are data, inserted as they are (condor_submit would expand
+    ``$(...)`` inside them again).
     """
 
     def __init__(self, defs: Mapping[str, str], fixed: Mapping[str, str], dynamic: frozenset[str]) -> None:
         self.defs = defs
         self.fixed = fixed
         self.dynamic = dynamic
-        self.static_memo: dict[str, tuple[str, bool]] = {}
+        self.memo: dict[str, _Template] = {}
 
-    def value(self, name: str, proc: Mapping[str, str] | None = None, memo: dict[str, tuple[str, bool]] | None = None) -> tuple[str, bool]:
-        """The expanded value of ``name`` ("" if undefined) and whether it differs per proc."""
-        return self._lookup(name, None, proc, memo if memo is not None else {}, [])
+    def value(self, name: str) -> _Template:
+        """The expanded value of macro or command ``name`` ("" if undefined)."""
+        return self._lookup(name, None, [])
 
-    def expand(self, text: str, proc: Mapping[str, str] | None = None) -> tuple[str, bool]:
-        return self._expand(text, proc, {}, [])
+    def expand(self, text: str) -> _Template:
+        return self._expand(text, [])
 
-    def _expand(self, text: str, proc: Mapping[str, str] | None, memo: dict[str, tuple[str, bool]], stack: list[str]) -> tuple[str, bool]:
+    def _expand(self, text: str, stack: list[str]) -> _Template:
         if "$" not in text:
-            return text, False
-        out: list[str] = []
+            return text
+        out: list[str | _Ref] = []
         dynamic = False
         pos = 0
         size = 0
@@ -748,46 +815,48 @@ class _Expander:
                 continue
             m = _MACRO_RE.match(text, i)
             if m:
-                value, d = self._lookup(m.group(1).lower(), m.group(2), proc, memo, stack)
-                out.append(value)
-                size += len(value)
+                value = self._lookup(m.group(1).lower(), m.group(2), stack)
+                if isinstance(value, str):
+                    out.append(value)
+                    size += len(value)
+                else:
+                    out.extend(value)
+                    dynamic = True
+                    size += sum(len(part) for part in value if isinstance(part, str))
                 if size > _MAX_VALUE:
                     raise _MacroError(f"a value expands to more than {_MAX_VALUE} characters")
-                dynamic |= d
                 pos = m.end()
                 continue
             f = _FUNC_RE.match(text, i)
-            if f and f.group(1).upper() in _MACRO_FUNCTIONS:
+            if f and (f.group(1).upper() in _MACRO_FUNCTIONS or re.fullmatch(r"F[FPNXDQABW]+", f.group(1).upper())):
                 raise _MacroError(f"the macro function ${f.group(1)}() is not supported by gwms")
             out.append("$")
             pos = i + 1
-        return "".join(out), dynamic
+        if not dynamic:
+            return "".join(out)  # type: ignore[arg-type]
+        merged: list[str | _Ref] = []
+        for part in out:
+            if isinstance(part, str):
+                if not part:
+                    continue
+                if merged and isinstance(merged[-1], str):
+                    merged[-1] = merged[-1] + part  # type: ignore[operator]
+                    continue
+            merged.append(part)
+        return tuple(merged)
 
-    def _lookup(
-        self, name: str, default: str | None, proc: Mapping[str, str] | None, memo: dict[str, tuple[str, bool]], stack: list[str]
-    ) -> tuple[str, bool]:
+    def _lookup(self, name: str, default: str | None, stack: list[str]) -> _Template:
         if name in self.dynamic:
-            if proc is None:
-                return "", True  # the static pass only needs to know that it varies
-            value = proc.get(name)
-            if value is not None:
-                return value, True  # queue items are data: not expanded again
+            return (_Ref(name),)
         fixed = self.fixed.get(name)
         if fixed is not None:
-            return fixed, False
+            return fixed
         raw = self.defs.get(name)
         if raw is None:
             if default is None:
-                return "", False  # undefined macros expand to nothing, as in condor_submit
-            return self._expand(default, proc, memo, stack)
-        if proc is None:
-            cache = self.static_memo
-        else:
-            known = self.static_memo.get(name)
-            if known is not None and not known[1]:
-                return known
-            cache = memo
-        hit = cache.get(name)
+                return ""  # undefined macros expand to nothing, as in condor_submit
+            return self._expand(default, stack)
+        hit = self.memo.get(name)
         if hit is not None:
             return hit
         if name in stack:
@@ -796,9 +865,9 @@ class _Expander:
         if len(stack) >= _MAX_MACRO_DEPTH:
             raise _MacroError(f"macros nest deeper than {_MAX_MACRO_DEPTH} levels: {' -> '.join(stack[:5])} -> ...")
         stack.append(name)
-        result = self._expand(raw, proc, memo, stack)
+        result = self._expand(raw, stack)
         stack.pop()
-        cache[name] = result
+        self.memo[name] = result
         return result
 
 
@@ -828,18 +897,25 @@ class _Statement:
     rows: list[dict[str, object]] | None  # per-proc attributes, when some vary
 
 
-_SLICE_RE = re.compile(r"\[\s*([+-]?\d*)\s*(?::\s*([+-]?\d*)\s*(?::\s*(\d*)\s*)?)?\]")
-_ITEM_SPLIT_RE = re.compile(r"[,\s]+")
-_ROW_SPLIT_RE = re.compile(r"\s*,\s*|\s+")
+# White space is C isspace() throughout, as in condor_submit (\s would also match Unicode spaces).
+_SLICE_RE = re.compile(r"\[[ \t]*([+-]?[0-9]*)[ \t]*(?::[ \t]*([+-]?[0-9]*)[ \t]*(?::[ \t]*([+-]?[0-9]*)[ \t]*)?)?\]")
+_ITEM_SPLIT_RE = re.compile(r"[, \t\n\r\v\f]+")
+_ROW_SPLIT_RE = re.compile(r"[ \t\n\r\v\f]*,[ \t\n\r\v\f]*|[ \t\n\r\v\f]+")
 _QUEUE_USAGE: Final = "expected 'queue [N]' or 'queue [N] [VAR[, VAR...]] in|from (items)' or 'queue [N] [VARS] from FILE'"
+
+
+def _present(value: str) -> str | None:
+    # An empty value is the same as no value at all, as in condor_submit.
+    return value.strip(_WS) or None
 
 
 def _value_key(value: object) -> tuple[str, object]:
     # Equality of attribute values, for finding what all procs share.  Expressions compare by
     # classad2's canonical text; the type name keeps True apart from 1.
-    if isinstance(value, classads.ExprTree):
-        return ("expr", repr(value))
-    return (type(value).__name__, value)
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or kind is float:
+        return (kind.__name__, value)
+    return ("expr", repr(value))
 
 
 class _Parser:
@@ -865,6 +941,7 @@ class _Parser:
         self.custom: dict[str, str] = {}  # "+name" key -> attribute name as last spelt
         self.statements: list[_Statement] = []
         self.total = 0
+        self.saw_queue = False
         self.per_proc_text = 0
         self.ctx = _Context(self.iwd)
         self.used = {m.group(1).lower() for m in _USE_RE.finditer(text)}
@@ -893,8 +970,7 @@ class _Parser:
                 if following.lstrip(_WS).startswith("#"):
                     continue
                 line = line[:-1] + following.lstrip(_WS)
-            if line.endswith("\\"):
-                line = line[:-1]
+            line = line.removesuffix("\\")
             stripped = line.strip(_WS)
             if not stripped:
                 continue
@@ -902,7 +978,7 @@ class _Parser:
                 i = self.queue(stripped, number, lines, i)
             else:
                 self.assignment(stripped, number)
-        if not self.statements:
+        if not self.saw_queue:
             raise self.error(None, "no queue statement: add 'queue' after the commands to submit one job")
         if self.total == 0:
             raise self.error(None, "the queue statements queue no jobs (every one asks for 0 procs or has no items)")
@@ -912,9 +988,7 @@ class _Parser:
         name, equals, value = line.partition("=")
         name = name.strip(_WS)
         value = value.strip(_WS)
-        if "@" in name and name.endswith("@") or value.startswith("@") and name and not equals:
-            raise self.error(number, "multi-line values (name @=end ... @end) are not supported by gwms")
-        if first in _STATEMENTS and name.lower() != first:
+        if first in _STATEMENTS and (not equals or name.lower() != first):
             raise self.error(number, f"the {first!r} statement of condor_submit is not supported by gwms")
         if not equals:
             raise self.error(number, f'missing "=": expected "command = value", got {line[:80]!r}')
@@ -925,6 +999,8 @@ class _Parser:
         if name.startswith("+") or name.lower().startswith("my."):
             self.custom_attribute(name, value, number)
             return
+        if name.lower() == "queue":
+            raise self.error(number, "queue is a statement, not a command: write 'queue' or 'queue N' without '='")
         if not _NAME_RE.fullmatch(name):
             raise self.error(number, f"invalid command name {name[:80]!r} (names are letters, digits, '_' and '.')")
         key = name.lower()
@@ -943,7 +1019,7 @@ class _Parser:
         self.define(key, value, number)
 
     def custom_attribute(self, name: str, value: str, number: int) -> None:
-        attr = name[1:].strip(_WS) if name.startswith("+") else name[3:]
+        attr = (name[1:] if name.startswith("+") else name[3:]).strip(_WS)
         if not _ATTR_RE.fullmatch(attr):
             raise self.error(number, f"invalid attribute name {attr[:80]!r} in {name[:80]!r}")
         owner_command = _OWN_ATTRIBUTES.get(attr.lower(), "")
@@ -972,17 +1048,19 @@ class _Parser:
 
     def queue(self, line: str, number: int, lines: list[str], i: int) -> int:
         """Queue the procs of one statement; returns the index of the next line to read."""
+        self.saw_queue = True
         fixed = self.fixed_macros()
         expander = _Expander(self.defs, fixed, frozenset())
         try:
-            rest, _ = expander.expand(line[5:].strip(_WS))
+            rest = expander.expand(line[5:].strip(_WS))
         except _MacroError as e:
             raise self.error(number, str(e)) from None
+        assert isinstance(rest, str)  # no per-proc names in this expander
         rest = rest.strip(_WS)
 
         count = 1
-        m = re.match(r"(\S+)[ \t\n\r\v\f]*", rest)
-        if m and re.fullmatch(r"[+-]?\d+", m.group(1)):
+        m = re.match(r"([^ \t\n\r\v\f]+)[ \t\n\r\v\f]*", rest)
+        if m and re.fullmatch(r"[+-]?[0-9]+", m.group(1)):
             count = int(m.group(1))
             rest = rest[m.end() :]
             if count < 0:
@@ -1002,8 +1080,10 @@ class _Parser:
             if keyword == "matching":
                 raise self.error(number, "'queue ... matching' (file globbing) is not supported by gwms; list the files with 'in' or 'from'")
             slice_ = None
-            sm = _SLICE_RE.match(tail)
-            if sm:
+            if tail.startswith("["):
+                sm = _SLICE_RE.match(tail)
+                if not sm:
+                    raise self.error(number, f"bad queue statement: bad slice {tail[:tail.find(']') + 1 or 40]!r} (expected [start:stop:step] with whole numbers)")
                 slice_ = self.slice(sm, number)
                 tail = tail[sm.end() :].strip(_WS)
             if keyword == "in":
@@ -1033,7 +1113,7 @@ class _Parser:
     def queue_variables(self, text: str, number: int) -> list[str]:
         if not text:
             return ["item"]
-        names = [n for n in re.split(r"[\s,]+", text) if n]
+        names = [n for n in _ITEM_SPLIT_RE.split(text) if n]
         seen: set[str] = set()
         result = []
         for name in names:
@@ -1044,7 +1124,7 @@ class _Parser:
                 raise self.error(number, f"bad queue statement: $({name}) is set by condor_submit and cannot be a queue variable")
             if key in _UNSUPPORTED_COMMANDS:
                 raise self.error(number, f'bad queue statement: command "{name}" is not supported by gwms')
-            if key.startswith("+") or key.startswith("my."):
+            if key.startswith(("+", "my.")):
                 raise self.error(number, f"bad queue statement: {name!r} cannot be a queue variable")
             if key in seen:
                 raise self.error(number, f"bad queue statement: variable {name} is listed twice")
@@ -1170,90 +1250,104 @@ class _Parser:
 
         builders = list(_BUILDERS) + [((key,), _custom_builder(key, attr)) for key, attr in self.custom.items()]
         static: dict[str, object] = {}
-        varying: list[tuple[tuple[str, ...], _Builder]] = []
+        varying = []
         for inputs, build in builders:
-            values = []
-            is_dynamic = False
-            for name in inputs:
-                value, d = self.command_value(expander, name, number)
-                values.append(value)
-                is_dynamic |= d
-            if is_dynamic:
-                varying.append((inputs, build))
-            else:
-                static.update(self.build(build, inputs, values, number, names))
+            templates = [self.command_value(expander, name, number) for name in inputs]
+            if all(isinstance(t, str) for t in templates):
+                values = [_present(t) for t in templates]  # type: ignore[arg-type]
+                static.update(self.build(build, values, number, names))
+                continue
+            compiled = [_present(t) if isinstance(t, str) else _Compiled(t) for t in templates]
+            refs = {ref for c in compiled if isinstance(c, _Compiled) for ref in c.names}
+            # Values that do not depend on the proc number are the same for every step of an
+            # item: build them once per item.
+            per_item = not refs & {"process", "procid", "step"}
+            varying.append((inputs, build, compiled, per_item))
 
         rows: list[dict[str, object]] | None = None
         if varying:
-            rows = []
-            proc_values: dict[str, str] = {}
-            for index in range(n_items):
+            rows = self.proc_rows(varying, number, first, count, names, items, indexes)
+        self.statements.append(_Statement(first, procs, static, rows))
+        self.total += procs
+
+    def proc_rows(
+        self,
+        varying: list[tuple[tuple[str, ...], _Builder, list[object], bool]],
+        number: int,
+        first: int,
+        count: int,
+        names: list[str],
+        items: list[list[str]] | None,
+        indexes: list[int],
+    ) -> list[dict[str, object]]:
+        """The attributes that vary, for every proc of one statement (the hot loop of a big
+        cluster: keep it lean)."""
+        ctx = self.ctx
+        rows: list[dict[str, object]] = []
+        proc_values: dict[str, str] = {}
+        proc = first
+        k = 0
+        text_size = self.per_proc_text
+        try:
+            for index in range(1 if items is None else len(items)):
                 if items is not None:
                     proc_values["itemindex"] = proc_values["row"] = str(indexes[index])
                     for name, value in zip(names, items[index]):
                         proc_values[name] = value
+                item_cache: dict[int, dict[str, object]] = {}
                 for step in range(count):
-                    proc = first + len(rows)
                     proc_values["process"] = proc_values["procid"] = str(proc)
                     proc_values["step"] = str(step)
-                    memo: dict[str, tuple[str, bool]] = {}
                     row: dict[str, object] = {}
-                    for inputs, build in varying:
-                        values = []
-                        for name in inputs:
-                            value, _ = self.command_value(expander, name, number, proc_values, memo, proc)
-                            values.append(value)
-                            self.per_proc_text += len(value) if value else 0
-                        row.update(self.build(build, inputs, values, number, names, proc))
-                    if self.per_proc_text > _MAX_PER_PROC_TEXT:
+                    for k, (_, build, compiled, per_item) in enumerate(varying):
+                        attrs = item_cache.get(k) if per_item else None
+                        if attrs is None:
+                            values = []
+                            for c in compiled:
+                                if c.__class__ is _Compiled:
+                                    text = c.render(proc_values)  # type: ignore[attr-defined]
+                                    text_size += len(text)
+                                    values.append(text.strip(_WS) or None)
+                                else:
+                                    values.append(c)  # the same for every proc (or None)
+                            attrs = build(ctx, *values)
+                            if per_item:
+                                item_cache[k] = attrs
+                        row.update(attrs)
+                    if text_size > _MAX_PER_PROC_TEXT:
                         raise self.error(number, f"too much per-job text: the values that differ between jobs exceed {_MAX_PER_PROC_TEXT} characters")
                     rows.append(row)
-        self.statements.append(_Statement(first, procs, static, rows))
-        self.total += procs
-
-    def command_value(
-        self,
-        expander: _Expander,
-        name: str,
-        number: int,
-        proc_values: Mapping[str, str] | None = None,
-        memo: dict[str, tuple[str, bool]] | None = None,
-        proc: int | None = None,
-    ) -> tuple[str | None, bool]:
-        try:
-            value, dynamic = expander.value(name, proc_values, memo)
+                    proc += 1
         except _MacroError as e:
-            line = self.def_lines.get(name, number)
-            where = "" if proc is None else f" (proc {proc})"
-            raise self.error(line, f"{self.display(name)}: {e}{where}") from None
-        value = value.strip(_WS)
-        # An empty value is the same as no value, as in condor_submit.
-        return (value or None), dynamic
+            raise self.error(number, f"{e} (proc {proc})") from None
+        except _BadValue as e:
+            raise self.bad_value(e, number, names, proc) from None
+        self.per_proc_text = text_size
+        return rows
+
+    def command_value(self, expander: _Expander, name: str, number: int) -> _Template:
+        try:
+            return expander.value(name)
+        except _MacroError as e:
+            raise self.error(self.def_lines.get(name, number), f"{self.display(name)}: {e}") from None
 
     def display(self, key: str) -> str:
         return "+" + self.custom[key] if key.startswith("+") else key
 
-    def build(
-        self,
-        build: _Builder,
-        inputs: tuple[str, ...],
-        values: list[str | None],
-        number: int,
-        queue_vars: list[str],
-        proc: int | None = None,
-    ) -> dict[str, object]:
+    def build(self, build: _Builder, values: list[str | None], number: int, queue_vars: list[str]) -> dict[str, object]:
         try:
             return build(self.ctx, *values)
         except _BadValue as e:
-            command = e.command.lower()
-            if command.startswith("+") and command not in self.def_lines:
-                command = "+" + command[1:].lower()
-            if command in queue_vars or command not in self.def_lines:
-                line = number  # the value came from the queue statement (or is missing)
-            else:
-                line = self.def_lines[command]
-            where = "" if proc is None else f" (proc {proc}, queued on line {number})"
-            raise self.error(line, f"{e.reason}{where}") from None
+            raise self.bad_value(e, number, queue_vars) from None
+
+    def bad_value(self, e: _BadValue, number: int, queue_vars: list[str], proc: int | None = None) -> SubmitError:
+        command = e.command.lower()
+        if command in queue_vars or command not in self.def_lines:
+            line = number  # the value came from the queue statement (or is missing)
+        else:
+            line = self.def_lines[command]
+        where = "" if proc is None else f" (proc {proc}, queued on line {number})"
+        return self.error(line, f"{e.reason}{where}")
 
     # --- result --------------------------------------------------------------------------
 
@@ -1266,32 +1360,12 @@ class _Parser:
             key = _value_key(value)
             if all(name in s.static and _value_key(s.static[name]) == key for s in statements[1:]):
                 shared[name] = value
-        varying_names = {name for s in statements if s.rows for row in s.rows[:1] for name in row}
+        varying_names = {name for s in statements if s.rows for row in s.rows for name in row}
         for name in varying_names:
             shared.pop(name, None)
-            first_value: object = None
-            same = True
-            for s in statements:
-                if s.rows is None or name not in s.rows[0]:
-                    if name not in s.static:
-                        same = False
-                        break
-                    values: Iterable[object] = (s.static[name],)
-                else:
-                    values = (row.get(name, _MISSING) for row in s.rows)
-                for value in values:
-                    if value is _MISSING:
-                        same = False
-                        break
-                    if first_value is None:
-                        first_value = value
-                    elif _value_key(value) != _value_key(first_value):
-                        same = False
-                        break
-                if not same:
-                    break
-            if same and first_value is not None:
-                shared[name] = first_value
+            value = _same_everywhere(statements, name)
+            if value is not _MISSING:
+                shared[name] = value
 
         cluster = classads.ClassAd()
         cluster["MyType"] = "Job"
@@ -1310,27 +1384,39 @@ class _Parser:
         new_ad = classads.ClassAd
         for s in statements:
             base = [(name, value) for name, value in s.static.items() if name not in shared]
-            if s.rows is None:
-                for proc in range(s.first_proc, s.first_proc + s.count):
-                    ad = new_ad()
-                    ad["ProcId"] = proc
-                    for name, value in base:
+            for proc, row in enumerate(s.rows or itertools.repeat({}, s.count), start=s.first_proc):
+                ad = new_ad()
+                ad["ProcId"] = proc
+                for name, value in base:
+                    ad[name] = value
+                for name, value in row.items():
+                    if name not in shared:
                         ad[name] = value
-                    proc_ads.append(ad)
-            else:
-                for proc, row in enumerate(s.rows, start=s.first_proc):
-                    ad = new_ad()
-                    ad["ProcId"] = proc
-                    for name, value in base:
-                        ad[name] = value
-                    for name, value in row.items():
-                        if name not in shared:
-                            ad[name] = value
-                    proc_ads.append(ad)
+                proc_ads.append(ad)
         return SubmitResult(cluster, proc_ads)
 
 
 _MISSING: Final = object()
+
+
+def _same_everywhere(statements: list[_Statement], name: str) -> object:
+    """The value of ``name`` if every proc has it and all are equal, else _MISSING."""
+    first: object = _MISSING
+    for s in statements:
+        if name in s.static:
+            values: Iterable[object] = (s.static[name],)
+        elif s.rows is None:
+            return _MISSING
+        else:
+            values = (row.get(name, _MISSING) for row in s.rows)
+        for value in values:
+            if value is _MISSING:
+                return _MISSING
+            if first is _MISSING:
+                first = value
+            elif _value_key(value) != _value_key(first):
+                return _MISSING
+    return first
 
 
 def _default_read_file(path: Path) -> str:

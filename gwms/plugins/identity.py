@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import pwd
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from zope.interface import implementer
 
@@ -100,7 +101,7 @@ class NoIdentitySwitch:
     name = "none"
 
     @classmethod
-    def from_config(cls, config: Any) -> "NoIdentitySwitch":
+    def from_config(cls, config: Any) -> NoIdentitySwitch:
         return cls()
 
     def prepare_sandbox(self, job: Any, sandbox: Path) -> JobIdentity:

@@ -118,6 +118,7 @@ class Shadow:
         if not queue.get(self.job_id, "JobStartDate"):
             values["JobStartDate"] = int(now)
         queue.set(self.job_id, values)
+        schedd.commit_soon()
         schedd.event(job, eventlog.execute_event(*self.job_id, schedd.reactor.seconds(),
                                                  f"<{self.claim.startd_address}>", self.claim.slot_name))
         keep = yield self.follow()
@@ -224,6 +225,7 @@ class Shadow:
                   if k in status}
         if values:
             self.schedd.queue.set(self.job_id, values)
+            self.schedd.commit_soon()
 
     @defer.inlineCallbacks
     def _kill(self) -> Any:

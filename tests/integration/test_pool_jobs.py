@@ -138,3 +138,103 @@ def _cmdline(pid: str) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
     except OSError:
         return ""
+
+
+WITNESS_JOB = """#!/bin/sh
+echo "start $1" >> "{witness}"
+sleep $2
+echo "done $1" > "result_$1.txt"
+"""
+
+WITNESS_SUBMIT = """
+executable = witness.sh
+arguments = $(Process) {seconds}
+transfer_output_files = result_$(Process).txt
+log = witness.log
+queue {n}
+"""
+
+
+def test_schedd_killed_with_running_jobs_loses_none_and_runs_none_twice(pool, tmp_path, gwms_cli):
+    jobdir = tmp_path / "jobs"
+    jobdir.mkdir()
+    witness = tmp_path / "witness.log"
+    (jobdir / "witness.sh").write_text(WITNESS_JOB.format(witness=witness))
+    (jobdir / "witness.sh").chmod(0o755)
+    (jobdir / "w.sub").write_text(WITNESS_SUBMIT.format(n=6, seconds=4))
+    assert run(gwms_cli, pool, "submit", str(jobdir / "w.sub")).returncode == 0
+
+    def running():
+        jobs = json.loads(run(gwms_cli, pool, "q", "--json", "--allusers").stdout or "[]")
+        return sum(1 for j in jobs if j["JobStatus"] == 2)
+
+    wait_until(lambda: running() >= 2, 60, "jobs to start running")
+    schedd = pool.daemons["schedd"]
+    schedd.kill9()
+    pool.daemons["schedd"] = schedd.restart()
+
+    waited = run(gwms_cli, pool, "wait", "1", "--timeout", "120", timeout=150)
+    assert "All 6 job(s) done" in waited.stdout, (waited.stdout, waited.stderr)
+    starts = [line for line in witness.read_text().splitlines() if line.startswith("start")]
+    assert sorted(starts) == sorted(f"start {i}" for i in range(6)), starts  # each ran exactly once
+    for i in range(6):
+        assert (jobdir / f"result_{i}.txt").read_text() == f"done {i}\n"
+    history = json.loads(run(gwms_cli, pool, "history", "1", "--json").stdout)
+    assert sorted(j["NumJobStarts"] for j in history) == [1] * 6
+    assert all(j["JobStatus"] == 4 and j["ExitCode"] == 0 for j in history)
+
+
+DAEMON_JOB = """#!/bin/sh
+# Leaves a child behind that escapes its process group and session.
+( setsid sh -c 'GWMS_TEST_ESCAPEE={token} exec sleep 300' & )
+echo started
+"""
+
+
+def test_a_job_that_daemonizes_leaves_no_process_behind(pool, tmp_path, gwms_cli):
+    import secrets
+
+    token = secrets.token_hex(8)
+    jobdir = tmp_path / "jobs"
+    jobdir.mkdir()
+    (jobdir / "d.sh").write_text(DAEMON_JOB.format(token=token))
+    (jobdir / "d.sh").chmod(0o755)
+    (jobdir / "d.sub").write_text("executable = d.sh\noutput = d.out\nqueue\n")
+    assert run(gwms_cli, pool, "submit", str(jobdir / "d.sub")).returncode == 0
+    waited = run(gwms_cli, pool, "wait", "1", "--timeout", "60", timeout=80)
+    assert "All 1 job(s) done" in waited.stdout, waited.stderr
+    assert (jobdir / "d.out").read_text() == "started\n"
+
+    def escapees():
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if f"GWMS_TEST_ESCAPEE={token}".encode() in Path(f"/proc/{pid}/environ").read_bytes():
+                    found.append(pid)
+            except OSError:
+                pass
+        return found
+
+    wait_until(lambda: not escapees(), 20, "the daemonized child to be killed")
+
+
+def test_partitionable_slot_is_split_by_job_requests(creds, tmp_path, start_daemon, gwms_cli):
+    pool = start_pool(creds, tmp_path, start_daemon, slots=1, partitionable=True, cpus=4)
+    jobdir = tmp_path / "jobs"
+    jobdir.mkdir()
+    (jobdir / "p.sub").write_text("executable = /bin/sleep\narguments = 3\nrequest_cpus = 1\n"
+                                  "request_memory = 100\nqueue 4\n")
+    assert run(gwms_cli, pool, "submit", str(jobdir / "p.sub")).returncode == 0
+
+    def dynamic_slots():
+        out = run(gwms_cli, pool, "status", "--json", "--constraint", 'SlotType == "Dynamic"').stdout
+        return json.loads(out or "[]")
+
+    slots = wait_until(lambda: (lambda s: s if len(s) == 4 else None)(dynamic_slots()), 60,
+                       "four dynamic slots carved from the partitionable slot")
+    assert sorted(s["Name"] for s in slots) == [f"slot1_{i}@wn1" for i in range(1, 5)]
+    assert all(s["Cpus"] == 1 and s["Memory"] == 100 for s in slots)
+    waited = run(gwms_cli, pool, "wait", "1", "--timeout", "60", timeout=80)
+    assert "All 4 job(s) done" in waited.stdout
+    history = json.loads(run(gwms_cli, pool, "history", "1", "--json").stdout)
+    assert sorted(j["RemoteHost"] for j in history) == [f"slot1_{i}@wn1" for i in range(1, 5)]

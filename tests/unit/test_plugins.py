@@ -7,14 +7,15 @@ from twisted.plugin import IPlugin, getPlugins
 from zope.interface.verify import verifyObject
 
 ROOT = Path(__file__).resolve().parents[2]
-ROLES = {"gwms-collector"}
+ROLES = {"gwms-collector", "gwms-negotiator", "gwms-schedd", "gwms-startd"}
 
 
 def test_every_role_is_a_twistd_plugin_that_builds_its_service(tmp_path):
     found = {p.tapname: p for p in getPlugins(IServiceMaker) if p.tapname.startswith("gwms-")}
     assert set(found) == ROLES
     config = tmp_path / "site.toml"
-    config.write_text('[collector]\nlisten = "127.0.0.1:0"\n')
+    config.write_text(f'[collector]\nlisten = "127.0.0.1:0"\n[schedd]\nspool = "{tmp_path}/spool"\n'
+                      f'[startd]\nexecute = "{tmp_path}/execute"\n')
     for name, maker in found.items():
         assert verifyObject(IPlugin, maker) and verifyObject(IServiceMaker, maker)
         options = maker.options()
