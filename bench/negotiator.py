@@ -22,9 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gwms import classads  # noqa: E402
-from gwms.negotiator.matchmaker import Matchmaker, ResourceRequest  # noqa: E402
-from gwms.negotiator.priorities import Priorities  # noqa: E402
+from gwms import classads
+from gwms.negotiator.matchmaker import Matchmaker, ResourceRequest
+from gwms.negotiator.priorities import Priorities
 
 SITES = 20
 

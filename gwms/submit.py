@@ -499,6 +499,16 @@ _UNITS: Final = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _INT_MAX: Final = (1 << 63) - 1
 
 
+def _whole(digits: str) -> int:
+    """int() of a signed run of ASCII digits, saturated far beyond any limit that matters here
+    (Python refuses to convert more than 4300 digits, and nobody needs 20)."""
+    sign = -1 if digits.startswith("-") else 1
+    digits = digits.lstrip("+-").lstrip("0") or "0"
+    if len(digits) > 30:
+        return sign * 10**30
+    return sign * int(digits)
+
+
 def _quantity(command: str, value: str, base: int, cache: dict[str, classads.ExprTree]) -> int | classads.ExprTree:
     """HTCondor's parse_int64_bytes: a number (fraction allowed, 3 digits count) with an
     optional K/M/G/T unit (KB, Mb... too), rounded up to units of ``base`` bytes; no unit means
@@ -508,7 +518,7 @@ def _quantity(command: str, value: str, base: int, cache: dict[str, classads.Exp
     if m:
         whole, fraction, unit = m.groups()
         mult = _UNITS[unit.lower()] if unit else base
-        milli = int(whole) * 1000 + int((fraction or "")[:3].ljust(3, "0"))
+        milli = _whole(whole) * 1000 + int((fraction or "")[:3].ljust(3, "0"))
         result = -(-milli * mult // (1000 * base))  # ceiling
         if result > _INT_MAX:
             raise _BadValue(command, f"bad number for {command}: {value!r} is too large")
@@ -537,7 +547,7 @@ def _int_value(command: str, value: str, minimum: int = 0) -> int:
     text = value.strip(_WS)
     if not re.fullmatch(r"[+-]?[0-9]+", text):
         raise _BadValue(command, f"bad number for {command}: {value!r} (expected an integer)")
-    number = int(text)
+    number = _whole(text)
     if number < minimum or number > _INT_MAX:
         raise _BadValue(command, f"bad number for {command}: {number} is out of range")
     return number
@@ -942,6 +952,9 @@ class _Parser:
         self.statements: list[_Statement] = []
         self.total = 0
         self.saw_queue = False
+        self.defs_version = 0
+        self.last_key: object = None
+        self.last_analysis: tuple[dict[str, object], list[tuple[tuple[str, ...], _Builder, list[object], bool]]] = ({}, [])
         self.per_proc_text = 0
         self.ctx = _Context(self.iwd)
         self.used = {m.group(1).lower() for m in _USE_RE.finditer(text)}
@@ -1043,6 +1056,7 @@ class _Parser:
                 raise self.error(number, f"$({key}) grows to more than {_MAX_VALUE} characters by referring to itself")
         self.defs[key] = value
         self.def_lines[key] = number
+        self.defs_version += 1
 
     # --- queue ---------------------------------------------------------------------------
 
@@ -1061,7 +1075,7 @@ class _Parser:
         count = 1
         m = re.match(r"([^ \t\n\r\v\f]+)[ \t\n\r\v\f]*", rest)
         if m and re.fullmatch(r"[+-]?[0-9]+", m.group(1)):
-            count = int(m.group(1))
+            count = _whole(m.group(1))
             rest = rest[m.end() :]
             if count < 0:
                 raise self.error(number, f"bad queue statement: the count {count} is negative")
@@ -1133,7 +1147,7 @@ class _Parser:
         return result
 
     def slice(self, m: re.Match[str], number: int) -> slice:
-        start, stop, step = (int(g) if g not in (None, "") else None for g in m.groups())
+        start, stop, step = (_whole(g) if g not in (None, "") else None for g in m.groups())
         if step == 0 or (step is not None and step < 0):
             raise self.error(number, "bad queue statement: the slice step must be positive")
         return slice(start, stop, step)
@@ -1227,13 +1241,12 @@ class _Parser:
             return
         first = self.total
         # Names that vary from proc to proc in this statement; the rest are fixed values, so
-        # that a plain "queue 100000" expands and builds everything exactly once.
-        dynamic: set[str] = set()
+        # that a plain "queue 100000" expands and builds everything exactly once.  $(Process)
+        # always varies, even for one proc: then consecutive statements with no definition
+        # between them share one analysis (a file of a million "queue" lines costs what
+        # "queue 1000000" costs).
+        dynamic: set[str] = {"process", "procid"}
         fixed = dict(fixed)
-        if procs > 1:
-            dynamic |= {"process", "procid"}
-        else:
-            fixed["process"] = fixed["procid"] = str(first)
         if count > 1:
             dynamic.add("step")
         else:
@@ -1246,29 +1259,46 @@ class _Parser:
                 fixed[name] = value
         else:
             fixed["itemindex"] = fixed["row"] = "0"
-        expander = _Expander(self.defs, fixed, frozenset(dynamic))
+        key = (self.defs_version, frozenset(dynamic), tuple(sorted(fixed.items())))
+        reused = key == self.last_key
+        if reused:
+            static, varying = self.last_analysis
+        else:
+            static, varying = self.analyse(number, names, _Expander(self.defs, fixed, frozenset(dynamic)))
+            self.last_key, self.last_analysis = key, (static, varying)
 
+        rows: list[dict[str, object]] | None = None
+        if varying:
+            rows = self.proc_rows(varying, number, first, count, names, items, indexes)
+        last = self.statements[-1] if self.statements else None
+        if reused and last is not None and last.first_proc + last.count == first:
+            last.count += procs  # the same commands as the statement before: one statement
+            if rows is not None and last.rows is not None:
+                last.rows.extend(rows)
+        else:
+            self.statements.append(_Statement(first, procs, static, rows))
+        self.total += procs
+
+    def analyse(
+        self, number: int, names: list[str], expander: _Expander
+    ) -> tuple[dict[str, object], list[tuple[tuple[str, ...], _Builder, list[object], bool]]]:
+        """Build what is the same for every proc of a statement; compile the rest."""
         builders = list(_BUILDERS) + [((key,), _custom_builder(key, attr)) for key, attr in self.custom.items()]
         static: dict[str, object] = {}
-        varying = []
+        varying: list[tuple[tuple[str, ...], _Builder, list[object], bool]] = []
         for inputs, build in builders:
             templates = [self.command_value(expander, name, number) for name in inputs]
             if all(isinstance(t, str) for t in templates):
                 values = [_present(t) for t in templates]  # type: ignore[arg-type]
                 static.update(self.build(build, values, number, names))
                 continue
-            compiled = [_present(t) if isinstance(t, str) else _Compiled(t) for t in templates]
+            compiled: list[object] = [_present(t) if isinstance(t, str) else _Compiled(t) for t in templates]
             refs = {ref for c in compiled if isinstance(c, _Compiled) for ref in c.names}
             # Values that do not depend on the proc number are the same for every step of an
             # item: build them once per item.
             per_item = not refs & {"process", "procid", "step"}
             varying.append((inputs, build, compiled, per_item))
-
-        rows: list[dict[str, object]] | None = None
-        if varying:
-            rows = self.proc_rows(varying, number, first, count, names, items, indexes)
-        self.statements.append(_Statement(first, procs, static, rows))
-        self.total += procs
+        return static, varying
 
     def proc_rows(
         self,
@@ -1419,6 +1449,16 @@ def _same_everywhere(statements: list[_Statement], name: str) -> object:
     return first
 
 
+def _is_clean(value: str) -> bool:
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _default_read_file(path: Path) -> str:
     return path.read_text(encoding="utf-8")
 
@@ -1454,6 +1494,13 @@ def parse_submit(
         raise ValueError("max_procs must be at least 1")
     if cluster_id < 0:
         raise ValueError("cluster_id must not be negative")
+    # These end up in ClassAd strings too, and classad2 crashes the process on a lone surrogate
+    # (what os.fsdecode makes of a directory name that is not UTF-8).
+    for what, given in (("owner", owner), ("filename", filename)):
+        if not _is_clean(given):
+            raise ValueError(f"{what} must be Unicode text without NUL or lone surrogates: {given!r}")
+    if not _is_clean(str(iwd)):
+        raise SubmitError(filename, None, f"the submit directory {str(iwd)!r} is not valid Unicode (or holds a NUL)")
     _check_text(text, lambda line, reason: SubmitError(filename, line, reason), "the submit file")
     parser = _Parser(text, filename, cluster_id, owner, Path(iwd), read_file or _default_read_file, max_procs)
     parser.parse()

@@ -8,6 +8,8 @@ the matches.  It follows HTCondor's negotiator where the design does not say oth
   HTCondor's consumption policies: every match carves the job's request off the resources we
   track for it, and the job Requirements and slot START of the next job are evaluated against
   the slot ad with the remaining Cpus/Memory/Disk, so a slot is given out until nothing fits.
+  Depth first (HTCondor's NEGOTIATOR_DEPTH_FIRST): after a match, the same autocluster's next
+  jobs go to what is left of that slot while they match and fit in the submitter's slice.
 * **Matching** is :func:`classads.symmetric_match` (job Requirements against the slot, slot
   Requirements against the job) plus the slot's START, which counts like its Requirements.
   The best slot has the highest job Rank, then the highest slot Rank, then the smallest Name.
@@ -15,8 +17,13 @@ the matches.  It follows HTCondor's negotiator where the design does not say oth
   weight = Cpus, HTCondor's default SLOT_WEIGHT).  Submitters are served in effective-priority
   order, each up to its slice, proportional to 1/effective priority; a submitter that cannot
   use its slice (no more jobs, nothing matches) leaves it for the next spin, where what is left
-  is sliced again among those who still want something.  A submitter's own requests are served
-  in the order given (the schedd's job priority order).
+  is sliced again among those who still want something.  A slice limits the weight of what is
+  matched (a static slot weighs its Cpus, a piece of a partitionable slot the cpus requested):
+  a job takes the best slot that still fits in the slice, and a job none fits makes way for
+  the submitter's next request.  When every slice is too small for the next job, each
+  submitter in priority order gets one match beyond its slice, so that nothing usable stays
+  idle.  A submitter's own requests are served in the order given (the schedd's job priority
+  order).
 * **Scale.**  The cost grows with the kinds of job and slot, not their counts.  Jobs arrive
   grouped in autoclusters; slots are grouped here by the values of their *significant*
   attributes: whatever any request's Requirements/Rank/Request* refer to on the TARGET side,
@@ -43,10 +50,10 @@ from gwms.classads import ClassAd, ExprTree
 from gwms.negotiator.priorities import Priorities
 
 __all__ = [
-    "ResourceRequest",
-    "Match",
     "CycleStats",
+    "Match",
     "Matchmaker",
+    "ResourceRequest",
     "autocluster_signature",
     "significant_job_attributes",
 ]
@@ -61,8 +68,8 @@ _REQUESTS: Final = ("RequestCpus", "RequestMemory", "RequestDisk")
 _REQUEST_DEFAULTS: Final = (1.0, 0.0, 0.0)
 # Job attributes that always decide where a job can run, whatever the slots look at.
 _JOB_POLICY: Final = ("Requirements", "Rank", *_REQUESTS)
-# Slot attributes that always decide which jobs a slot takes and how it is carved.
-_SLOT_POLICY: Final = ("Start", "Requirements", "Rank", "SlotType")
+# Slot expressions that always decide which jobs a slot takes and which it prefers.
+_SLOT_EXPRESSIONS: Final = ("Start", "Requirements", "Rank")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,8 +273,8 @@ def significant_job_attributes(slot_ads: Iterable[ClassAd]) -> frozenset[str]:
         if not isinstance(ad, ClassAd):
             continue
         try:
-            walk = _walk(ad, _SLOT_POLICY)
-        except Exception:  # noqa: BLE001 - a hostile ad must not break the schedd's bookkeeping
+            walk = _walk(ad, _SLOT_EXPRESSIONS)
+        except Exception:  # noqa: BLE001, S112 - a hostile ad must not break the schedd's bookkeeping
             continue
         for low, name in walk.other.items():
             found.setdefault(low, name)
@@ -329,19 +336,17 @@ def _plain(value: float) -> int | float:
     return int(value) if float(value).is_integer() else value
 
 
-def _attr_value(ad: ClassAd, name: str) -> object:
-    """An attribute's value, evaluated if it is an expression; None if missing/UNDEFINED."""
+def _constraint(ad: ClassAd, name: str) -> classads.Constraint | None:
+    """``ad``'s expression ``name`` ready to evaluate many times; None if the ad has none (no
+    condition, as :func:`classads.symmetric_match` counts a missing Requirements)."""
     try:
-        value = ad[name]
+        return classads.Constraint(name, ad.lookup(name))
     except KeyError:
         return None
-    if isinstance(value, ExprTree) or type(value) not in (str, int, float, bool):
-        return classads.evaluate(ad, name)  # expressions, and UNDEFINED/ERROR literals
-    return value
 
 
 class _Slot:
-    __slots__ = ("name", "ad", "cpus", "memory", "disk", "base")
+    __slots__ = ("ad", "base", "carved", "cpus", "disk", "memory", "name")
 
     def __init__(self, name: str, ad: ClassAd, cpus: float, memory: float, disk: float, base: tuple[Any, ...]):
         self.name = name
@@ -350,35 +355,117 @@ class _Slot:
         self.memory = memory
         self.disk = disk
         self.base = base  # group key without the resources (partitionable slots change those)
+        self.carved = False  # resources no longer those of ``ad``
+
+
+_SEED_RESOURCES: Final = ("cpus", "memory", "disk")
+
+
+def _slot_projection(walk: _Walk) -> tuple[Any, ...] | None:
+    """From a walk seeded with the resources: what of the slot the expressions walked from can
+    see apart from the resources (compared by value, separately).  None if some reference
+    cannot be named."""
+    if walk.own_all:
+        return None
+    items = iter(walk.own.items())
+    for _ in _SEED_RESOURCES:
+        next(items)
+    return tuple(items)
+
+
+class _Kind:
+    """What the groups of slots equal in everything but their resources share: the policy
+    expressions, compiled once, and for partitionable slots a private copy of one of their ads
+    whose Cpus/Memory/Disk are set to those of the carved group being evaluated (cheaper than
+    a copy per group, and the ads as received are never modified).
+
+    ``policy`` is what the slot's own START/Requirements/Rank can see of it (None: anything),
+    ``job_refs`` the job attributes they refer to (None: any); ``projections`` caches what job
+    expressions referring to a set of slot attributes can see.  Those make evaluations
+    shareable between kinds and autoclusters that look the same from where they are looked
+    at (a job that does not care about the site sees the same slot at every site)."""
+
+    __slots__ = (
+        "ad",
+        "job_refs",
+        "policy",
+        "projections",
+        "rank",
+        "requirements",
+        "scratch",
+        "scratch_state",
+        "start",
+    )
+
+    def __init__(self, ad: ClassAd) -> None:
+        self.ad = ad
+        self.requirements = _constraint(ad, "Requirements")
+        self.start = _constraint(ad, "Start")
+        self.rank = _literal_rank(ad)  # known without evaluating, or None
+        self.scratch: ClassAd | None = None
+        self.scratch_state: tuple[float, float, float] | None = None
+        walk = _walk(ad, _SLOT_EXPRESSIONS, dict.fromkeys(_SEED_RESOURCES))
+        self.policy = _slot_projection(walk)
+        self.job_refs = None if walk.other_all else tuple(sorted(walk.other))
+        self.projections: dict[tuple[str, ...], tuple[Any, ...] | None] = {}
+
+    def projection(self, names: tuple[str, ...]) -> tuple[Any, ...] | None:
+        try:
+            return self.projections[names]
+        except KeyError:
+            walk = _walk(self.ad, names, dict.fromkeys(_SEED_RESOURCES))
+            result = self.projections[names] = _slot_projection(walk)
+            return result
 
 
 class _Group:
     """Slots equal in every significant attribute: one evaluation decides for all of them."""
 
-    __slots__ = ("gid", "rep", "partitionable", "cpus", "memory", "disk", "start", "rank", "members",
-                 "offered", "max_pushed", "parked", "watchers")
+    __slots__ = (
+        "cpus",
+        "disk",
+        "gid",
+        "kind",
+        "max_pushed",
+        "members",
+        "memory",
+        "offered",
+        "parked",
+        "partitionable",
+        "rep",
+        "watchers",
+    )
 
-    def __init__(self, gid: int, rep: ClassAd, partitionable: bool, cpus: float, memory: float, disk: float,
-                 start: classads.Constraint | None, rank: float | None) -> None:
+    def __init__(self, gid: int, kind: _Kind, rep: ClassAd | None, partitionable: bool, cpus: float,
+                 memory: float, disk: float) -> None:
         self.gid = gid
-        self.rep = rep  # the ad evaluations run against
+        self.kind = kind
+        self.rep = rep  # an ad with exactly these resources, or None: the kind's scratch ad
         self.partitionable = partitionable
         self.cpus = cpus
         self.memory = memory
         self.disk = disk
-        self.start = start
-        self.rank = rank  # the slot Rank when it is a literal (known without evaluating)
         self.members: list[tuple[str, _Slot]] = []  # heap by Name
-        self.offered = False
-        # Bookkeeping of the autoclusters' heaps (see _Request): the largest head Name any heap
-        # entry for this group was made with, the autoclusters that found it empty, and those
-        # for which it is a candidate at all.
+        self.offered = False  # in the list of groups every autocluster is offered
+        # Bookkeeping for the autoclusters' heaps (see _Request): the largest first-slot Name
+        # any heap entry for this group was made with, the autoclusters that found it empty,
+        # and those for which it is a candidate at all.
         self.max_pushed = ""
         self.parked: set[int] = set()
         self.watchers: set[int] = set()
 
     def head(self) -> str:
         return self.members[0][0]
+
+
+class _Side:
+    """One side's share of an evaluation, kept for every pair that looks the same from there."""
+
+    __slots__ = ("rank", "request")
+
+    def __init__(self, request: tuple[float, float, float] | None) -> None:
+        self.request = request  # the job side: the request sizes; the slot side: anything not None
+        self.rank: float | None = None  # evaluated when first needed
 
 
 @dataclass(slots=True)
@@ -403,28 +490,61 @@ class _Request:
     checked and fixed when they reach the top.
     """
 
-    __slots__ = ("index", "request", "job", "remaining", "fixed", "parts", "job_rank", "heap", "pushed",
-                 "results", "ranks", "cursor", "empty_at")
+    __slots__ = (
+        "cursor",
+        "empty_at",
+        "fixed",
+        "heap",
+        "index",
+        "job",
+        "job_rank",
+        "parts",
+        "projections",
+        "pushed",
+        "ranks",
+        "remaining",
+        "request",
+        "requirements",
+        "results",
+        "slot_refs",
+    )
 
     def __init__(self, index: int, request: ResourceRequest, fixed: tuple[float, float, float] | None,
-                 parts: tuple[float | None, ...], job_rank: float | None) -> None:
+                 parts: tuple[float | None, ...], job_rank: float | None, slot_refs: tuple[str, ...] | None) -> None:
         self.index = index
         self.request = request
         self.job = request.job_ad
+        self.requirements = _constraint(self.job, "Requirements")
         self.remaining = request.count
         self.fixed = fixed  # the requests when they do not depend on the slot
         self.parts = parts  # each request if it does not depend on the slot, else None
-        self.job_rank = job_rank
+        self.job_rank = job_rank  # known without evaluating, or None
         self.heap: list[tuple[float, float, str, int]] = []
-        self.pushed: dict[int, str] = {}  # gid -> head Name of its one current entry
-        self.results: dict[int, _Eval | None] = {}
-        self.ranks: dict[int, tuple[float, float]] = {}
-        self.cursor = 0  # position in the matchmaker's list of groups already offered
-        self.empty_at = -1  # number of groups there were when no group matched any more
+        self.pushed: dict[int, str] = {}  # gid -> first-slot Name of its one current entry
+        self.results: dict[int, _Eval | None] = {}  # gid -> evaluation (None: no match)
+        self.ranks: dict[int, tuple[float, float]] = {}  # gid -> heap key of the candidates
+        self.cursor = 0  # how many of the offered groups it has seen
+        self.empty_at = -1  # how many groups had been offered when none matched any more
+        self.slot_refs = slot_refs  # the slot attributes its expressions refer to (None: any)
+        self.projections: dict[tuple[str, ...], tuple[tuple[Any, ...] | None, bool]] = {}
+
+    def projection(self, names: tuple[str, ...] | None) -> tuple[tuple[Any, ...] | None, bool]:
+        """What slot expressions referring to job attributes ``names`` can see of this job
+        (None: anything), and whether that refers back to the slot (RequestMemory =
+        TARGET.Memory / 2): then the slot side depends on more of the slot than its policy."""
+        if names is None:
+            return None, True
+        try:
+            return self.projections[names]
+        except KeyError:
+            walk = _walk(self.job, names)
+            result = self.projections[names] = (None if walk.own_all else tuple(walk.own.items()),
+                                                bool(walk.other) or walk.other_all)
+            return result
 
 
 class _Submitter:
-    __slots__ = ("name", "effective", "requests", "limited")
+    __slots__ = ("effective", "limited", "name", "requests")
 
     def __init__(self, name: str, effective: float) -> None:
         self.name = name
@@ -439,9 +559,26 @@ class Matchmaker:
 
     def cycle(self, requests: Sequence[ResourceRequest], slots: Sequence[ClassAd],
               now: float) -> tuple[list[Match], CycleStats]:
-        """One negotiation cycle.  ``now`` is the cycle's time; priorities are read, not
-        updated (the daemon folds in usage with :meth:`Priorities.update`)."""
+        """One negotiation cycle.  ``now`` is the cycle's time.  Priorities are read, not
+        updated: the daemon folds in usage with :meth:`Priorities.update` (doing it here too
+        would count the same interval twice)."""
         return _Cycle(self.priorities, requests, slots, now).run()
+
+
+_ABSENT: Final = object()
+
+
+def _get(ad: ClassAd, name: str) -> object:
+    """The attribute's value, evaluated if it is an expression: None if UNDEFINED, _ABSENT if
+    the ad does not have it."""
+    try:
+        value = ad[name]
+    except KeyError:
+        return _ABSENT
+    kind = type(value)
+    if kind is str or kind is int or kind is float or kind is bool:
+        return value
+    return classads.evaluate(ad, name)  # expressions, and UNDEFINED/ERROR literals
 
 
 class _Cycle:
@@ -451,14 +588,21 @@ class _Cycle:
         self.priorities = priorities
         self.now = now
         self.evaluations = 0
+        self._evaluated = False  # whether the current _evaluate evaluated anything
+        # Evaluations shared between pairs that look the same from the job's side and from the
+        # slot's side (see _Kind).
+        self.job_sides: dict[tuple[Any, ...], _Side | None] = {}
+        self.slot_sides: dict[tuple[Any, ...], _Side | None] = {}
         self.skipped_slots = 0
         self.skipped_requests = 0
         self.matches: list[Match] = []
         self.groups: list[_Group] = []
         self.by_key: dict[tuple[Any, ...], _Group] = {}
+        self.kinds: dict[tuple[Any, ...], _Kind] = {}
+        self.offered: list[int] = []  # gids of the groups offered to every autocluster, in order
         self.requests: list[_Request] = []
         self.submitters: dict[str, _Submitter] = {}
-        self.pie = 0.0
+        self.pie = 0.0  # cpus of the slots not given out yet
         self.candidates = 0
         self._prepare_requests(requests)
         self._prepare_slots(slots)
@@ -466,7 +610,8 @@ class _Cycle:
     # -- requests --------------------------------------------------------------------------------
 
     def _prepare_requests(self, requests: Sequence[ResourceRequest]) -> None:
-        self.slot_names: dict[str, str] = {name.lower(): name for name in _RESOURCES}
+        # The slot attributes some request refers to (lower-case name -> spelling).
+        self.slot_names: dict[str, str] = {}
         self.slot_names_all = False
         for request in requests:
             try:
@@ -496,125 +641,113 @@ class _Cycle:
             return None
         job = request.job_ad
         walk = _walk(job, _JOB_POLICY)
-        fixed: list[float] = []
-        dynamic: list[bool] = []  # which requests must be evaluated against each slot group
+        parts: list[float | None] = []
         for name, default in zip(_REQUESTS, _REQUEST_DEFAULTS):
-            depends = self._depends_on_slot(job, name)
-            dynamic.append(depends)
-            if depends:
-                fixed.append(default)  # placeholder, evaluated per slot group
+            depends = _walk(job, (name,))
+            if depends.other or depends.other_all:
+                parts.append(None)  # refers to the slot: evaluated against each slot group
                 continue
             value = _request_value(job, name, default, None)
             if value is None:
                 return None  # e.g. RequestCpus = "many": nothing can satisfy it
-            fixed.append(value)
-        parts = tuple(None if depends else value for depends, value in zip(dynamic, fixed))
-        ac = _Request(len(self.requests), request, None if any(dynamic) else (fixed[0], fixed[1], fixed[2]),
-                      parts, _literal_rank(job))
+            parts.append(value)
+        fixed = None if None in parts else (parts[0], parts[1], parts[2])
+        slot_refs = None if walk.other_all else tuple(sorted(walk.other))
+        ac = _Request(len(self.requests), request, fixed, tuple(parts), _literal_rank(job),  # type: ignore[arg-type]
+                      slot_refs)
         return ac, walk
-
-    @staticmethod
-    def _depends_on_slot(job: ClassAd, name: str) -> bool:
-        walk = _walk(job, (name,))
-        return bool(walk.other) or walk.other_all
 
     # -- slots -----------------------------------------------------------------------------------
 
     def _prepare_slots(self, slots: Sequence[ClassAd]) -> None:
-        # Every slot attribute any request refers to, plus the slot's policy: the names whose
-        # values (and whatever those refer to) make two slots interchangeable.
-        names = [*_SLOT_POLICY, *(name for low, name in self.slot_names.items() if low not in ("cpus", "memory", "disk"))]
+        # The attributes whose values (and whatever those refer to) make two slots
+        # interchangeable: the slot's policy and every slot attribute a request refers to.
+        # The resources are compared by value, separately.
+        resources = {name.lower() for name in _RESOURCES}
+        names = [*_SLOT_EXPRESSIONS, *(name for low, name in self.slot_names.items() if low not in resources)]
         seen_names: set[str] = set()
-        self.offered: list[int] = []  # gids of the groups offered to every autocluster, in order
         for ad in slots:
             try:
-                ok = self._add_slot(ad, names, seen_names)
+                added = self._add_slot(ad, names, seen_names)
             except Exception:  # noqa: BLE001 - one hostile slot ad must not stop the cycle
-                ok = False
-            if ok is False:
+                added = False
+            if added is False:
                 self.skipped_slots += 1
 
     def _add_slot(self, ad: ClassAd, names: list[str], seen_names: set[str]) -> bool | None:
-        """True if added, None if not a candidate (claimed...), False if malformed."""
+        """True if added, None if not a candidate (claimed, busy...), False if malformed."""
         if not isinstance(ad, ClassAd):
             return False
-        state = _attr_value(ad, "State")
+        state = _get(ad, "State")
         if not isinstance(state, str):
             return False
         if state.lower() != "unclaimed":
             return None
-        if "Activity" in ad:
-            activity = _attr_value(ad, "Activity")
+        activity = _get(ad, "Activity")
+        if activity is not _ABSENT:
             if not isinstance(activity, str):
                 return False
             if activity.lower() != "idle":
                 return None
-        name = _attr_value(ad, "Name")
+        name = _get(ad, "Name")
         if not isinstance(name, str) or not name:
             return False
-        resources = []
-        for attribute in _RESOURCES:
-            value = _number(_attr_value(ad, attribute))
-            if value is None or value < 0:
-                return False
-            resources.append(value)
-        cpus, memory, disk = resources
-        slot_type = _attr_value(ad, "SlotType")
-        partitionable = isinstance(slot_type, str) and slot_type.lower() == "partitionable"
+        cpus = _number(_get(ad, "Cpus"))
+        memory = _number(_get(ad, "Memory"))
+        disk = _number(_get(ad, "Disk"))
+        if cpus is None or memory is None or disk is None or cpus < 0 or memory < 0 or disk < 0:
+            return False
         if cpus <= _EPS:
             # Nothing can run there (every job takes some cpu), and a slot that weighs nothing
             # would escape fair share.
             return None
+        slot_type = _get(ad, "SlotType")
+        partitionable = isinstance(slot_type, str) and slot_type.lower() == "partitionable"
         if name in seen_names:
             return False  # the collector keys ads by Name: a duplicate would be matched twice
         seen_names.add(name)
+        base: tuple[Any, ...]
         if self.slot_names_all:
-            base: tuple[Any, ...] = (("*", repr(ad)),)  # some job looks at anything: no grouping
+            base = (("*", name),)  # some job refers to attributes it does not name: no grouping
         else:
             walk = _walk(ad, names, {"cpus": None, "memory": None, "disk": None})
-            items = iter(walk.own.items())
-            for _ in range(3):
-                next(items)  # the resources: keyed by value below, not by text
-            base = tuple(items)
             if walk.own_all:
-                base = (("*", repr(ad)),)
+                base = (("*", name),)
+            else:
+                items = iter(walk.own.items())
+                for _ in range(3):
+                    next(items)  # the resources: compared by value (see _group_for)
+                base = tuple(items)
         slot = _Slot(name, ad, cpus, memory, disk, base)
-        self._place(slot, partitionable, ad)
+        self._place(slot, partitionable)
         self.candidates += 1
         self.pie += cpus
         return True
 
-    def _group_for(self, slot: _Slot, partitionable: bool, rep_source: ClassAd) -> _Group:
+    def _group_for(self, slot: _Slot, partitionable: bool) -> _Group:
         key = (slot.base, partitionable, slot.cpus, slot.memory, slot.disk)
         group = self.by_key.get(key)
         if group is not None:
             return group
-        if rep_source is slot.ad:
-            rep = slot.ad  # the ad as received has exactly these resources
-        else:
-            # A carved partitionable slot: the same ad with what is left of it.
-            rep = classads.without(rep_source, ())
-            rep["Cpus"] = _plain(slot.cpus)
-            rep["Memory"] = _plain(slot.memory)
-            rep["Disk"] = _plain(slot.disk)
-        start: classads.Constraint | None
-        try:
-            start = classads.Constraint("Start", rep.lookup("Start"))
-        except KeyError:
-            start = None  # no START: no condition (as a missing Requirements)
-        group = _Group(len(self.groups), rep, partitionable, slot.cpus, slot.memory, slot.disk, start,
-                       _literal_rank(rep))
+        kind_key = (slot.base, partitionable)
+        kind = self.kinds.get(kind_key)
+        if kind is None:
+            kind = _Kind(slot.ad)
+            self.kinds[kind_key] = kind
+        # A slot not carved yet is its own ad; a carved one is evaluated as the kind's scratch.
+        group = _Group(len(self.groups), kind, None if slot.carved else slot.ad, partitionable, slot.cpus,
+                       slot.memory, slot.disk)
         self.groups.append(group)
         self.by_key[key] = group
         return group
 
-    def _place(self, slot: _Slot, partitionable: bool, rep_source: ClassAd) -> None:
-        group = self._group_for(slot, partitionable, rep_source)
+    def _place(self, slot: _Slot, partitionable: bool) -> None:
+        group = self._group_for(slot, partitionable)
         was_empty = not group.members
         lower_head = not was_empty and slot.name < group.head()
         heapq.heappush(group.members, (slot.name, slot))
         if not group.offered:
-            # Every group with slots is offered to every autocluster (see _offer_new_groups).
+            # A group is offered to every autocluster once it has a slot (see _offer_new_groups).
             group.offered = True
             self.offered.append(group.gid)
             return
@@ -628,7 +761,7 @@ class _Cycle:
             group.parked.clear()
         if (was_empty or lower_head) and slot.name < group.max_pushed:
             # Some heap may hold an entry for this group with a larger Name than its new first
-            # slot: it would come up too late among equal Ranks.  Give every heap a fresh one.
+            # slot: it would come up too late among equal Ranks.  Give those heaps a fresh one.
             for index in group.watchers:
                 ac = self.requests[index]
                 if group.gid in ac.pushed and ac.pushed[group.gid] != slot.name:
@@ -636,21 +769,86 @@ class _Cycle:
 
     # -- evaluation ------------------------------------------------------------------------------
 
+    def _rep(self, group: _Group) -> ClassAd:
+        """The ad to evaluate ``group`` with."""
+        if group.rep is not None:
+            return group.rep
+        kind = group.kind
+        if kind.scratch is None:
+            kind.scratch = classads.decode(classads.encode(kind.ad))  # exact copy
+        state = (group.cpus, group.memory, group.disk)
+        if kind.scratch_state != state:
+            kind.scratch["Cpus"] = _plain(group.cpus)
+            kind.scratch["Memory"] = _plain(group.memory)
+            kind.scratch["Disk"] = _plain(group.disk)
+            kind.scratch_state = state
+        return kind.scratch
+
     def _evaluate(self, ac: _Request, group: _Group) -> _Eval | None:
         fixed = ac.fixed
         if fixed is not None and group.partitionable and not _fits(group, fixed):
             return None  # decided without ClassAds: it does not fit what is left
-        self.evaluations += 1
+        self._evaluated = False
         try:
             return self._evaluate_classads(ac, group)
         except Exception:  # noqa: BLE001 - a pathological expression fails only its own match
             return None
+        finally:
+            if self._evaluated:
+                self.evaluations += 1
 
     def _evaluate_classads(self, ac: _Request, group: _Group) -> _Eval | None:
-        job, rep = ac.job, group.rep
-        if not classads.symmetric_match(job, rep):
+        # classads.symmetric_match (job Requirements, then the slot's), with the expressions
+        # looked up once per autocluster and slot kind instead of at every evaluation; then
+        # START, which must hold as well.  Each side's result is shared with every pair that
+        # looks the same from that side.
+        job, kind = ac.job, group.kind
+        resources = (group.cpus, group.memory, group.disk)
+        seen = None if ac.slot_refs is None else kind.projection(ac.slot_refs)
+        job_key = (ac.index, "g", group.gid) if seen is None else (ac.index, seen, resources)
+        job_side = self.job_sides.get(job_key, _UNSEEN)
+        rep: ClassAd | None = None
+        if job_side is _UNSEEN:
+            rep = self._rep(group)
+            self._evaluated = True
+            job_side = self._job_side(ac, rep)
+            self.job_sides[job_key] = job_side
+        if job_side is None:
             return None
-        if group.start is not None and not group.start.matches(rep, job):
+        assert isinstance(job_side, _Side) and job_side.request is not None
+        request = job_side.request
+        if group.partitionable and not _fits(group, request):
+            return None
+        sees, refers_back = ac.projection(kind.job_refs)
+        slot_key = (("g", group.gid) if kind.policy is None or refers_back else (kind.policy, resources),
+                    ("a", ac.index) if sees is None else sees)
+        slot_side = self.slot_sides.get(slot_key, _UNSEEN)
+        if slot_side is _UNSEEN:
+            rep = rep or self._rep(group)
+            self._evaluated = True
+            slot_side = _Side((0.0, 0.0, 0.0)) if self._slot_side(kind, rep, job) else None
+            self.slot_sides[slot_key] = slot_side
+        if slot_side is None:
+            return None
+        assert isinstance(slot_side, _Side)
+        job_rank = ac.job_rank
+        if job_rank is None:
+            if job_side.rank is None:
+                self._evaluated = True
+                job_side.rank = classads.rank(job, rep or self._rep(group))
+            job_rank = job_side.rank
+        slot_rank = kind.rank
+        if slot_rank is None:
+            if slot_side.rank is None:
+                self._evaluated = True
+                slot_side.rank = classads.rank(rep or self._rep(group), job)
+            slot_rank = slot_side.rank
+        return _Eval(job_rank, slot_rank, request[0], request[1], request[2])
+
+    @staticmethod
+    def _job_side(ac: _Request, rep: ClassAd) -> _Side | None:
+        job = ac.job
+        if ac.requirements is not None and not ac.requirements.matches(job, rep):
             return None
         request = ac.fixed
         if request is None:
@@ -661,11 +859,13 @@ class _Cycle:
                     return None
                 values.append(value)
             request = (values[0], values[1], values[2])
-            if group.partitionable and not _fits(group, request):
-                return None
-        job_rank = ac.job_rank if ac.job_rank is not None else classads.rank(job, rep)
-        slot_rank = group.rank if group.rank is not None else classads.rank(rep, job)
-        return _Eval(job_rank, slot_rank, request[0], request[1], request[2])
+        return _Side(request)
+
+    @staticmethod
+    def _slot_side(kind: _Kind, rep: ClassAd, job: ClassAd) -> bool:
+        if kind.requirements is not None and not kind.requirements.matches(rep, job):
+            return False
+        return kind.start is None or kind.start.matches(rep, job)
 
     # -- the autoclusters' heaps ---------------------------------------------------------------
 
@@ -673,19 +873,22 @@ class _Cycle:
         head = group.head()
         heapq.heappush(ac.heap, (ranks[0], ranks[1], head, group.gid))
         ac.pushed[group.gid] = head
-        if head > group.max_pushed:
-            group.max_pushed = head
+        group.max_pushed = max(group.max_pushed, head)
 
     def _offer_new_groups(self, ac: _Request) -> None:
         """Put the groups ``ac`` has not been offered yet into its heap."""
         offered = self.offered
+        fixed = ac.fixed
         while ac.cursor < len(offered):
             group = self.groups[offered[ac.cursor]]
             ac.cursor += 1
             result = ac.results.get(group.gid, _UNSEEN)
             if result is _UNSEEN:
-                if ac.job_rank is not None and group.rank is not None:
-                    ranks = (-ac.job_rank, -group.rank)  # evaluated when it reaches the top
+                if fixed is not None and group.partitionable and not _fits(group, fixed):
+                    ac.results[group.gid] = None  # too small for it, now and for good
+                    continue
+                if ac.job_rank is not None and group.kind.rank is not None:
+                    ranks = (-ac.job_rank, -group.kind.rank)  # evaluated when it reaches the top
                 else:
                     result = self._evaluate(ac, group)
                     ac.results[group.gid] = result
@@ -706,20 +909,21 @@ class _Cycle:
         group matches but none fits (the submitter's limit), False if none matches."""
         self._offer_new_groups(ac)
         heap = ac.heap
+        pushed = ac.pushed
         skipped: list[tuple[float, float, str, int]] = []
         found: tuple[_Group, _Eval] | bool = False
         while heap:
             job_rank, slot_rank, head, gid = heap[0]
-            if ac.pushed.get(gid) != head:
+            if pushed.get(gid) != head:
                 heapq.heappop(heap)  # superseded by a newer entry
                 continue
             group = self.groups[gid]
             if not group.members:
                 heapq.heappop(heap)
-                del ac.pushed[gid]
+                del pushed[gid]
                 group.parked.add(ac.index)
                 continue
-            if group.head() != head:
+            if group.members[0][0] != head:
                 heapq.heappop(heap)  # its first slot was taken: re-file it under the next one
                 self._push(ac, group, (job_rank, slot_rank))
                 continue
@@ -729,7 +933,7 @@ class _Cycle:
                 ac.results[gid] = result
             if result is None:
                 heapq.heappop(heap)
-                del ac.pushed[gid]
+                del pushed[gid]
                 group.watchers.discard(ac.index)
                 continue
             assert isinstance(result, _Eval)
@@ -757,12 +961,14 @@ class _Cycle:
         slot.cpus = _clean(slot.cpus - result.cpus)
         slot.memory = _clean(slot.memory - result.memory)
         slot.disk = _clean(slot.disk - result.disk)
+        slot.carved = True
         return result.cpus
 
     def _take(self, ac: _Request, group: _Group, result: _Eval, room: float) -> tuple[float, int]:
-        """Match ``ac``'s next job to the first slot of ``group``, and, if that is a
+        """Match ``ac``'s next job to the first slot of ``group`` and, if that is a
         partitionable slot, its following jobs to what is left of the slot while they match
-        and fit in ``room`` (HTCondor's NEGOTIATOR_DEPTH_FIRST).  Returns (weight, matches)."""
+        and all of them fit in ``room`` (HTCondor's NEGOTIATOR_DEPTH_FIRST).  The first match
+        is made whatever ``room`` (the caller checked it).  Returns (weight, matches)."""
         _, slot = heapq.heappop(group.members)
         weight = self._carve(ac, slot, group, result)
         made = 1
@@ -770,22 +976,22 @@ class _Cycle:
             return weight, made
         state = group
         while slot.cpus > _EPS and ac.remaining > 0:
-            # The leftover is another kind of slot: its group (perhaps new) decides, and is
-            # only offered to everybody once the slot is put back in it.
-            state = self._group_for(slot, True, state.rep)
-            result_ = ac.results.get(state.gid, _UNSEEN)
-            if result_ is _UNSEEN:
-                result_ = self._evaluate(ac, state)
-                ac.results[state.gid] = result_
-            if result_ is None:
+            # What is left is another kind of slot: its group (perhaps new) decides.  It is
+            # offered to everybody only once the slot is put back in it.
+            state = self._group_for(slot, True)
+            again = ac.results.get(state.gid, _UNSEEN)
+            if again is _UNSEEN:
+                again = self._evaluate(ac, state)
+                ac.results[state.gid] = again
+            if again is None:
                 break
-            assert isinstance(result_, _Eval)
-            if weight + result_.cpus > room + _EPS:
+            assert isinstance(again, _Eval)
+            if weight + again.cpus > room + _EPS:
                 break
-            weight += self._carve(ac, slot, state, result_)
+            weight += self._carve(ac, slot, state, again)
             made += 1
         if slot.cpus > _EPS:
-            self._place(slot, True, state.rep)  # what is left may match other jobs
+            self._place(slot, True)  # what is left may suit other jobs
         return weight, made
 
     # -- fair share ------------------------------------------------------------------------------
@@ -802,11 +1008,12 @@ class _Cycle:
             while self._wants_more(ac):
                 room = limit - used
                 if overshoot and made == 0:
-                    room = math.inf
+                    best = self._best(ac, math.inf)  # one match beyond the slice, no more
                 elif room <= _EPS:
                     submitter.limited = True
                     return used, made
-                best = self._best(ac, room)
+                else:
+                    best = self._best(ac, room)
                 if best is False:
                     ac.empty_at = len(self.offered)  # nothing matches; look again only if new groups appear
                     break
@@ -829,22 +1036,23 @@ class _Cycle:
             if not active or self.pie <= _EPS:
                 break
             spins += 1
-            pie = max(self.pie, 0.0)
+            pie = self.pie
             total = sum(1.0 / s.effective for s in active)
             progress = 0
             limited = False
             for submitter in active:
+                # The slice is computed on the pie as the spin started: the submitters served
+                # first do not shrink the slices of those after them.
                 submitter.limited = False
-                limit = pie * (1.0 / submitter.effective) / total
-                _, made = self._negotiate(submitter, limit, overshoot)
+                _, made = self._negotiate(submitter, pie * (1.0 / submitter.effective) / total, overshoot)
                 progress += made
                 limited = limited or submitter.limited
             if progress:
                 overshoot = False
             elif limited and not overshoot:
-                # Every slice is smaller than the next job's slot: HTCondor would leave the rest
-                # idle until the next cycle; we let each submitter, best priority first, take
-                # one match beyond its slice so that nothing usable stays idle.
+                # Every slice is smaller than the slot its submitter's next job needs.  Rather
+                # than leave those slots idle until the next cycle, let each submitter, best
+                # priority first, take one match beyond its slice.
                 overshoot = True
             else:
                 break

@@ -213,6 +213,7 @@ def test_when_to_transfer_output_with_no_transfer_is_an_error() -> None:
         ("getenv = maybe", "true or false"),
         ("job_lease_duration = soon", "integer"),
         ("job_lease_duration = -5", "out of range"),
+        ("job_lease_duration = " + "1" * 5000, "out of range"),
     ],
 )
 def test_bad_enumerated_values_are_errors(line: str, words: str) -> None:
@@ -305,7 +306,17 @@ def test_request_memory_expression_kept_as_expression() -> None:
 
 @pytest.mark.parametrize(
     "line",
-    ["request_memory = 12XB", "request_memory = -1", "request_memory = 2 G B", "request_disk = 1.2.3", "request_cpus = 2K", "request_cpus = -4", "request_memory = 99999999999999T"],
+    [
+        "request_memory = 12XB",
+        "request_memory = -1",
+        "request_memory = 2 G B",
+        "request_disk = 1.2.3",
+        "request_cpus = 2K",
+        "request_cpus = -4",
+        "request_memory = 99999999999999T",
+        "request_memory = " + "9" * 5000,
+        "request_cpus = " + "9" * 5000,
+    ],
 )
 def test_bad_numbers_in_requests(line: str) -> None:
     e = fails(f"{EXE}{line}\nqueue")
@@ -771,6 +782,8 @@ def test_too_many_procs() -> None:
     assert time.perf_counter() - started < 1  # refused before anything is built
     e = fails(EXE + "queue 99999999999999999999999999")
     assert "over the limit" in str(e)
+    e = fails(EXE + "queue " + "9" * 5000)  # more digits than Python's int() takes
+    assert "over the limit" in str(e)
 
 
 def test_max_procs_exactly_is_allowed() -> None:
@@ -1046,6 +1059,13 @@ def test_lone_surrogates_are_an_error() -> None:
     # classad2 crashes the process on such strings: they must never reach it.
     e = fails(EXE + "output = a\udc80b\nqueue")
     assert e.line == 2 and "Unicode" in str(e)
+
+
+def test_submit_directory_that_is_not_unicode() -> None:
+    e = fails(EXE + "queue", iwd=Path("/home/\udcff/run"))
+    assert "not valid Unicode" in str(e)
+    with pytest.raises(ValueError):
+        parse(EXE + "queue", owner="a\udc80")
 
 
 def test_ten_megabyte_file() -> None:

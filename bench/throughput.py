@@ -1,0 +1,117 @@
+"""Job throughput: N `/bin/true` jobs on a pool of real daemons, from submit to all completed.
+
+Starts collector, negotiator, schedd and a startd with 8 slots on 127.0.0.1 (mutual TLS between
+the daemons, fs authentication for the submitting user), submits one cluster of N jobs with
+`gwms submit`, and polls the queue until it is empty. Prints JSON: jobs per second, and the
+schedd's resident memory per running job (sampled while the slots are busy).
+
+    python bench/throughput.py [--jobs 2000] [--slots 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests" / "integration"))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+class Creds:
+    def __init__(self, base: Path) -> None:
+        from gwms.credentials.ca import init_ca, issue_host
+
+        init_ca(base / "creds")
+        self.ca = base / "creds" / "ca.pem"
+        self.host_cert, self.host_key = issue_host(base / "creds", "localhost")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=2000)
+    parser.add_argument("--slots", type=int, default=8)
+    args = parser.parse_args()
+
+    from gwms.cli.demo import start_daemon as spawn, wait_for_file
+    from pool import write_config
+
+    work = Path(tempfile.mkdtemp(prefix="gwms-throughput-"))
+    creds = Creds(work)
+    procs = {}
+
+    def start(role: str, config: Path, name: str | None = None) -> str:
+        name = name or role
+        procs[role] = spawn(role, config, work / f"{name}.log")
+        return wait_for_file(work / f"{name}.address", procs[role], 30, work / f"{name}.log")
+
+    options = dict(slots=args.slots, cpus=args.slots, negotiator_interval=5, periodic_interval=300)
+    first = write_config(work / "collector.toml", creds, work, "127.0.0.1:9618", "127.0.0.1:0", **options)
+    collector = start("collector", first)
+    config = write_config(work / "pool.toml", creds, work, collector, collector, **options)
+    for role in ("negotiator", "schedd"):
+        start(role, config)
+    start("startd", config, "startd-wn1")
+    jobdir = work / "jobs"
+    jobdir.mkdir()
+    (jobdir / "true.sub").write_text(f"executable = /bin/true\n"
+                                     f"request_memory = 1\nqueue {args.jobs}\n")
+    env = {**os.environ, "GWMS_CONFIG": str(config)}
+    result: dict[str, object] = {"jobs": args.jobs, "slots": args.slots}
+    try:
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "gwms", "submit", str(jobdir / "true.sub")], env=env, check=True,
+                       capture_output=True)
+        result["submit_s"] = round(time.perf_counter() - t0, 3)
+        from gwms.schedd.queue import JobQueue  # noqa: F401  (the schedd's queue file is read by the daemon only)
+
+        samples = []
+        while True:
+            q = subprocess.run([sys.executable, "-m", "gwms", "q", "--allusers", "--json"], env=env,
+                               capture_output=True, text=True)
+            jobs = json.loads(q.stdout or "[]")
+            running = sum(1 for j in jobs if j.get("JobStatus") == 2)
+            if running:
+                samples.append((running, rss_kb(procs["schedd"].pid)))
+            if not jobs:
+                break
+            if time.perf_counter() - t0 > 900:
+                raise SystemExit("gave up after 900 s")
+            time.sleep(0.5)  # a benchmark's polling interval, not a test
+        elapsed = time.perf_counter() - t0
+        result["seconds"] = round(elapsed, 2)
+        result["jobs_per_s"] = round(args.jobs / elapsed, 1)
+        result["schedd_rss_kb"] = rss_kb(procs["schedd"].pid)
+        if samples:
+            running, rss = max(samples)
+            result["schedd_rss_kb_while_running"] = rss
+            result["running_jobs_sampled"] = running
+        hist = subprocess.run([sys.executable, "-m", "gwms", "history", "--allusers", "--json"], env=env,
+                              capture_output=True, text=True)
+        done = json.loads(hist.stdout or "[]")
+        result["completed"] = sum(1 for j in done if j.get("JobStatus") == 4 and j.get("ExitCode") == 0)
+    finally:
+        for p in procs.values():
+            p.terminate()
+        for p in procs.values():
+            p.wait(timeout=30)
+        result["targets"] = {"jobs_per_s": 330}
+        print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
