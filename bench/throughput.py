@@ -68,7 +68,7 @@ def main() -> None:
     start("startd", config, "startd-wn1")
     jobdir = work / "jobs"
     jobdir.mkdir()
-    (jobdir / "true.sub").write_text(f"executable = /bin/true\n"
+    (jobdir / "true.sub").write_text(f"executable = /bin/true\ntransfer_executable = false\n"
                                      f"request_memory = 1\nqueue {args.jobs}\n")
     env = {**os.environ, "GWMS_CONFIG": str(config)}
     result: dict[str, object] = {"jobs": args.jobs, "slots": args.slots}

@@ -325,6 +325,7 @@ SUPPORTED_COMMANDS: Final = frozenset(
         "universe",
         "x509userproxy",
         "getenv",
+        "transfer_executable",
         "notification",
         "job_lease_duration",
     }
@@ -393,7 +394,6 @@ _UNSUPPORTED_COMMANDS: Final = frozenset(
         "stream_output",
         "submit_event_notes",
         "success_exit_code",
-        "transfer_executable",
         "transfer_input",
         "transfer_output",
         "transfer_error",
@@ -457,6 +457,7 @@ _OWN_ATTRIBUTES: Final = {
     "jobuniverse": "universe",
     "x509userproxy": "x509userproxy",
     "getenv": "getenv",
+    "transferexecutable": "transfer_executable",
     "jobnotification": "notification",
     "jobleaseduration": "job_lease_duration",
 }
@@ -698,6 +699,8 @@ _BUILDERS: Final[list[tuple[tuple[str, ...], _Builder]]] = [
     (("periodic_remove",), _simple("PeriodicRemove", "periodic_remove", _expression("periodic_remove"), False)),
     (("universe",), _b_universe),
     (("getenv",), _simple("GetEnv", "getenv", lambda ctx, v: _boolean("getenv", v), False)),
+    (("transfer_executable",), _simple("TransferExecutable", "transfer_executable",
+                                       lambda ctx, v: _boolean("transfer_executable", v))),
     (("notification",), _simple("JobNotification", "notification", lambda ctx, v: _NOTIFICATION[_choice("notification", v, ("NEVER", "ALWAYS", "COMPLETE", "ERROR")).lower()], 0)),
     (("job_lease_duration",), _simple("JobLeaseDuration", "job_lease_duration", lambda ctx, v: _int_value("job_lease_duration", v), DEFAULT_JOB_LEASE_DURATION)),
 ]

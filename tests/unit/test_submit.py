@@ -1182,3 +1182,12 @@ def test_queue_100000_jobs_with_per_proc_values() -> None:
     elapsed = time.process_time() - started
     assert value(result.proc_ads[99_999], "Out") == "out.99999"
     assert elapsed < 4, elapsed
+
+
+def test_transfer_executable_sets_the_attribute_and_defaults_to_true(tmp_path):
+    from gwms.submit import parse_submit as parse
+
+    kept = parse("executable = /bin/true\ntransfer_executable = false\nqueue\n", cluster_id=1, owner="u", iwd=tmp_path)
+    assert kept.job_ads()[0]["TransferExecutable"] is False
+    default = parse("executable = /bin/true\nqueue\n", cluster_id=1, owner="u", iwd=tmp_path)
+    assert default.job_ads()[0].get("TransferExecutable", True) is True
