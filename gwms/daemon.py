@@ -69,10 +69,13 @@ def client_security(config: HostConfig) -> ClientSecurity:
     return ClientSecurity.from_config(config)
 
 
-def collectors(reactor: Any, config: HostConfig) -> CollectorList:
+def collectors(reactor: Any, config: HostConfig, connector: Any = None,
+               security: ClientSecurity | None = None) -> CollectorList:
+    """The pool's collectors as this host's configuration names them. ``connector`` and
+    ``security`` are for in-memory pools (``gwms.testing``)."""
     addresses = [Address(host=h, port=p) for h, p in config.pool["collectors"]]
-    return CollectorList(reactor, addresses, client_security(config), Limits.from_pool(config.pool),
-                         connect_timeout=config.pool["connect_timeout"])
+    return CollectorList(reactor, addresses, security or client_security(config), Limits.from_pool(config.pool),
+                         connect_timeout=config.pool["connect_timeout"], connector=connector)
 
 
 class MessageListener(service.Service):

@@ -35,39 +35,33 @@ def _ad(**values: Any) -> classads.ClassAd:
     return ad
 
 
-class NegotiatorService(service.MultiService):
-    def __init__(self, reactor: Any, config: HostConfig) -> None:
-        super().__init__()
-        self.reactor = reactor
+class Negotiator:
+    """One negotiation cycle at a time, over the collectors and schedds it is given."""
+
+    def __init__(self, reactor: Any, config: HostConfig, collectors: Any, security: Any,
+                 connector: Any = None) -> None:
         settings = config.section("negotiator")
+        self.reactor = reactor
         self.settings = settings
         self.name = settings["name"] or f"negotiator@{socket.getfqdn()}"
         self.priorities = Priorities(settings["priorities"], half_life=settings["half_life"])
         self.matchmaker = Matchmaker(self.priorities)
-        self.collectors = collectors(reactor, config)
-        self.security = client_security(config)
+        self.collectors = collectors
+        self.security = security
+        self.connector = connector
+        self.address = ""
         self._schedds: dict[str, DaemonClient] = {}
-        self.factory = message_factory(reactor, config, [Command("RESCHEDULE", "WRITE", self.reschedule)])
-        host, port = settings["listen"]
-        self.listener = MessageListener(reactor, self.factory, (host, port), None, settings["address_file"])
-        self.listener.setServiceParent(self)
-        self._loop = LoopingCall(self.cycle_soon)
-        self._loop.clock = reactor
         self._running: defer.Deferred[Any] | None = None
         self._again = False
         self._scheduled: Any = None
-        self.last_cycle = 0.0
+        self.last_cycle = -1e9
         self.last_stats: Any = None
 
-    def startService(self) -> None:
-        super().startService()
-        self.listener._listening.addCallback(self._listening)
-
-    def _listening(self, _: Any) -> None:
-        self._loop.start(self.settings["interval"], now=True)
+    def commands(self) -> list[Command]:
+        return [Command("RESCHEDULE", "WRITE", self.reschedule)]
 
     def advertise(self) -> None:
-        self.collectors.advertise(_ad(MyType="Negotiator", Name=self.name, MyAddress=str(self.listener.address),
+        self.collectors.advertise(_ad(MyType="Negotiator", Name=self.name, MyAddress=self.address,
                                       ClassAdLifetime=int(3 * self.settings["interval"])), "NEGOTIATOR")
 
     def reschedule(self, request: Request) -> classads.ClassAd:
@@ -96,10 +90,14 @@ class NegotiatorService(service.MultiService):
             self._again = False
             self.cycle_soon()
 
+    def cancel(self) -> None:
+        if self._scheduled is not None and self._scheduled.active():
+            self._scheduled.cancel()
+
     def schedd(self, address: str) -> DaemonClient:
         client = self._schedds.get(address)
         if client is None:
-            client = DaemonClient(self.reactor, Address.parse(address), self.security)
+            client = DaemonClient(self.reactor, Address.parse(address), self.security, connector=self.connector)
             self._schedds[address] = client
         return client
 
@@ -140,24 +138,48 @@ class NegotiatorService(service.MultiService):
             sends.append(self.schedd(address).call("MATCH", _ad(Submitter=m.submitter, AutoClusterId=m.autocluster_id,
                                                                 SlotAd=m.slot_ad), "NEGOTIATOR"))
         results = yield defer.DeferredList(sends, consumeErrors=True)
-        failed = [r for ok, r in results if not ok]
-        for f in failed[:3]:
-            log.warn("match not delivered: {error}", error=f.getErrorMessage())
+        for ok, r in results:
+            if not ok:
+                log.warn("match not delivered: {error}", error=r.getErrorMessage())
+                break
         self.priorities.save()
         self.last_stats = stats
         log.info("cycle: {slots} slots, {requests} autoclusters from {schedds} schedds, {matches} matches "
                  "in {seconds:.3f} s", slots=len(slots), requests=len(requests), schedds=len(schedds),
                  matches=len(matches), seconds=time.perf_counter() - started)
+        return matches
+
+
+class NegotiatorService(service.MultiService):
+    def __init__(self, reactor: Any, config: HostConfig) -> None:
+        super().__init__()
+        self.reactor = reactor
+        settings = config.section("negotiator")
+        self.negotiator = Negotiator(reactor, config, collectors(reactor, config), client_security(config))
+        self.factory = message_factory(reactor, config, self.negotiator.commands())
+        host, port = settings["listen"]
+        self.listener = MessageListener(reactor, self.factory, (host, port), None, settings["address_file"])
+        self.listener.setServiceParent(self)
+        self._loop = LoopingCall(self.negotiator.cycle_soon)
+        self._loop.clock = reactor
+        self.interval = settings["interval"]
+
+    def startService(self) -> None:
+        super().startService()
+        self.listener._listening.addCallback(self._listening)
+
+    def _listening(self, _: Any) -> None:
+        self.negotiator.address = str(self.listener.address)
+        self._loop.start(self.interval, now=True)
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
         if self._loop.running:
             self._loop.stop()
-        if self._scheduled is not None and self._scheduled.active():
-            self._scheduled.cancel()
+        self.negotiator.cancel()
         yield super().stopService()
-        self.priorities.save()
-        self.collectors.close()
+        self.negotiator.priorities.save()
+        self.negotiator.collectors.close()
 
 
 class Options(DaemonOptions):

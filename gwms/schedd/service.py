@@ -42,8 +42,10 @@ def _ad(**values: Any) -> classads.ClassAd:
 
 
 class Schedd:
-    def __init__(self, reactor: Any, config: HostConfig, queue: JobQueue) -> None:
+    def __init__(self, reactor: Any, config: HostConfig, queue: JobQueue, connector: Any = None,
+                 security: Any = None) -> None:
         settings = config.section("schedd")
+        self.connector = connector
         self.reactor = reactor
         self.config = config
         self.settings = settings
@@ -57,7 +59,7 @@ class Schedd:
         self.starting: set[tuple[int, int]] = set()  # matched, claim in progress
         self._pending_submits: dict[tuple[int, int], tuple[classads.ClassAd, list[classads.ClassAd]]] = {}
         self._startds: dict[str, DaemonClient] = {}
-        self._security = client_security(config)
+        self._security = security or client_security(config)
         self.events = eventlog.EventLogWriter(self._open_user_log)
         self._log_accounts: dict[Path, userfiles.Account] = {}
         self.poke_negotiator: Any = None  # set by the service
@@ -370,7 +372,7 @@ class Schedd:
     def daemon(self, address: str) -> DaemonClient:
         client = self._startds.get(address)
         if client is None:
-            client = DaemonClient(self.reactor, Address.parse(address), self._security)
+            client = DaemonClient(self.reactor, Address.parse(address), self._security, connector=self.connector)
             self._startds[address] = client
         return client
 

@@ -90,8 +90,9 @@ def _machine_resources(execute: Path) -> tuple[int, int, int]:
 class Startd:
     """Slots and claims; the commands the schedd's shadows use."""
 
-    def __init__(self, reactor: Any, config: HostConfig, switch: Any) -> None:
+    def __init__(self, reactor: Any, config: HostConfig, switch: Any, process_factory: Any = None) -> None:
         self.reactor = reactor
+        self.process_factory = process_factory  # JobProcess by default; gwms.testing passes a fake
         settings = config.section("startd")
         self.settings = settings
         self.switch = switch
@@ -244,7 +245,7 @@ class Startd:
             raise CommandError("MALFORMED_AD", "ACTIVATE_CLAIM needs a JobAd")
         if str(job.get("Owner", "")) != claim.user:
             raise CommandError("REFUSED", "a claim runs jobs of the user it was made for only")
-        claim.starter = Starter(self.reactor, self.switch, self.execute, claim.slot.name, job)
+        claim.starter = Starter(self.reactor, self.switch, self.execute, claim.slot.name, job, self.process_factory)
         claim.job_id = f"{job.get('ClusterId')}.{job.get('ProcId')}"
         claim.job_lease = float(_positive(job.get("JobLeaseDuration"), 2400))
         claim.lease_deadline = self.reactor.seconds() + claim.job_lease

@@ -47,8 +47,10 @@ def job_environment(job: classads.ClassAd, sandbox: Path, slot_name: str) -> dic
 
 
 class Starter:
-    def __init__(self, reactor: Any, switch: Any, execute_dir: Path, slot_name: str, job: classads.ClassAd) -> None:
+    def __init__(self, reactor: Any, switch: Any, execute_dir: Path, slot_name: str, job: classads.ClassAd,
+                 process_factory: Any = None) -> None:
         self.reactor = reactor
+        self.process_factory = process_factory
         self.switch = switch
         self.slot_name = slot_name
         self.job = job
@@ -95,6 +97,7 @@ class Starter:
     def start(self) -> None:
         from gwms.startd.process import JobProcess
 
+        factory = self.process_factory or JobProcess
         if self._incoming:
             raise TransferError(f"input files not complete: {', '.join(sorted(self._incoming))}")
         argv = job_argv(self.job, self.sandbox, set(self.received))
@@ -103,8 +106,8 @@ class Starter:
         stdin = self.sandbox / stdin_name if stdin_name in self.received else None
         marker = secrets.token_hex(16)
         self.started_at = time.time()
-        self.process = JobProcess(self.reactor, self.switch, self.job, argv, env, self.sandbox, stdin,
-                                  self.sandbox / STDOUT, self.sandbox / STDERR, marker)
+        self.process = factory(self.reactor, self.switch, self.job, argv, env, self.sandbox, stdin,
+                               self.sandbox / STDOUT, self.sandbox / STDERR, marker)
         self.process.start()
         self.process.finished.addBoth(self._ended)
 
