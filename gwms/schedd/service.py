@@ -25,6 +25,7 @@ from gwms.protocols.messages import Command, CommandError, ConnectionFailed, Ite
 from gwms.schedd.mapping import load_grid_mapfile, local_user
 from gwms.schedd.queue import COMPLETED, HELD, IDLE, REMOVED, RUNNING, JobQueue, format_job_id, parse_job_id
 from gwms.schedd.shadow import ClaimHandle, Shadow
+from gwms.security import AuthorizationRequest, Decision
 
 log = Logger()
 
@@ -229,8 +230,11 @@ class Schedd:
                 done.append(format_job_id(job_id))
         self.queue.commit()  # acknowledged actions are durable
         if refused:
-            log.warn("{user} ({identity}) tried to {action} jobs of other users: {jobs}", user=user,
-                     identity=request.identity.name, action=action, jobs=",".join(refused))
+            # An attempt on other users' jobs is a security event: one audit record, like any
+            # other refusal.
+            request.connection.security.auditor.record(
+                AuthorizationRequest(request.identity, request.channel.peer_host, request.command, request.level),
+                Decision(False, f"owner: {user} may not {action} jobs of other users ({', '.join(refused)})"))
         return _ad(Count=len(done), Done=done, Refused=refused, NotFound=missing)
 
     def _targets(self, ad: classads.ClassAd) -> list[tuple[int, int]]:
@@ -396,13 +400,19 @@ class Schedd:
         yield Shadow(self, handle, job_id).run_claim()
 
     def next_job_for(self, claim: ClaimHandle) -> tuple[int, int] | None:
-        """Claim reuse: another idle job of the claim's user that the slot accepts."""
+        """Claim reuse: another idle job of the claim's user that the slot accepts. Jobs of one
+        autocluster are alike for matching, so the slot is matched once per autocluster."""
         user = claim.slot_ad.get("RemoteOwner")
+        verdicts = claim.autocluster_matches
         for job_id in self.idle_jobs():
             if user is not None and self.queue.owner(job_id) != user:
                 continue
-            job = self.queue.job(job_id)
-            if job is not None and classads.symmetric_match(job, claim.slot_ad):
+            ac = self._autocluster_of(job_id)
+            verdict = verdicts.get(ac)
+            if verdict is None:
+                job = self.queue.job(job_id)
+                verdict = verdicts[ac] = job is not None and classads.symmetric_match(job, claim.slot_ad)
+            if verdict:
                 return job_id
         return None
 

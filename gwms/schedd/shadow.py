@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +41,7 @@ class ClaimHandle:
     slot_name: str
     slot_ad: classads.ClassAd
     startd_address: str
+    autocluster_matches: dict[int, bool] = field(default_factory=dict)  # for claim reuse
 
 
 class Shadow:

@@ -42,7 +42,7 @@ address_file = "{workdir}/negotiator.address"
 
 [schedd]
 listen = "127.0.0.1:0"
-unix_socket = "{workdir}/schedd.sock"
+unix_socket = "{socket_dir}/schedd.sock"
 spool = "{workdir}/spool"
 update_interval = 2
 periodic_interval = {periodic_interval}
@@ -78,8 +78,9 @@ class Pool:
 
 def write_config(path: Path, creds: Any, workdir: Path, collector: str, collector_listen: str,
                  slots: int = 4, partitionable: bool = False, cpus: int = 4, startd_name: str = "wn1",
-                 negotiator_interval: float = 2, periodic_interval: float = 2) -> Path:
-    path.write_text(POOL_CONFIG.format(
+                 negotiator_interval: float = 2, periodic_interval: float = 2,
+                 socket_dir: Path | None = None) -> Path:
+    path.write_text(POOL_CONFIG.format(socket_dir=socket_dir or workdir,
         collector=collector, collector_listen=collector_listen, ca=creds.ca, cert=creds.host_cert,
         key=creds.host_key, workdir=workdir, host=HOST_DN, slots=slots,
         partitionable="true" if partitionable else "false", cpus=cpus, startd_name=startd_name,
