@@ -258,7 +258,9 @@ class Schedd:
                 raise CommandError("MALFORMED_AD", f"bad constraint: {e}") from None
         raise CommandError("MALFORMED_AD", "name jobs with JobIds or Constraint")
 
-    def _act(self, job_id: tuple[int, int], action: str, reason: str) -> bool:
+    def _act(self, job_id: tuple[int, int], action: str, reason: str, code: int = 1, subcode: int = 0) -> bool:
+        """remove, hold (HoldReasonCode ``code``: 1 by a user, 3 by job policy, as HTCondor) or
+        release one job; a running job is killed by its shadow first."""
         status = self.queue.get(job_id, "JobStatus")
         if action == "release":
             if status != HELD:
@@ -274,14 +276,14 @@ class Schedd:
             return False
         shadow = self.shadows.get(job_id)
         if shadow is not None:
-            shadow.kill_request = (target, reason)
+            shadow.kill_request = (target, reason, code, subcode)
             return True  # the shadow kills the job and records the change (finish_kill)
-        self.finish_kill(job_id, target, reason)
+        self.finish_kill(job_id, target, reason, code, subcode)
         return True
 
-    def finish_kill(self, job_id: tuple[int, int], status: int, reason: str) -> None:
+    def finish_kill(self, job_id: tuple[int, int], status: int, reason: str, code: int = 1, subcode: int = 0) -> None:
         if status == HELD:
-            self.hold(job_id, reason, code=1)
+            self.hold(job_id, reason, code=code, subcode=subcode)
         else:
             self.queue.set_status(job_id, REMOVED, reason=reason, now=self.reactor.seconds())
             self.event_for(job_id, lambda t: eventlog.aborted_event(*job_id, t, reason))
@@ -438,14 +440,21 @@ class Schedd:
         for job_id, job in list(self.queue.jobs()):
             job["CurrentTime"] = int(now)
             status = job.get("JobStatus")
-            if status in (IDLE, RUNNING) and classads.evaluate_constraint(job.lookup("PeriodicHold") if "PeriodicHold" in job else None, job) and "PeriodicHold" in job:
-                reason = classads.evaluate(job, "PeriodicHoldReason") or "The job attribute PeriodicHold expression became true"
-                self._act(job_id, "hold", str(reason))
-            elif status == HELD and "PeriodicRelease" in job and classads.evaluate_constraint(job.lookup("PeriodicRelease"), job):
+            if status in (IDLE, RUNNING) and self._policy_true(job, "PeriodicHold"):
+                reason = classads.evaluate(job, "PeriodicHoldReason")
+                if not isinstance(reason, str) or not reason:
+                    reason = "The job attribute PeriodicHold expression became true"
+                subcode = classads.evaluate(job, "PeriodicHoldSubCode")
+                self._act(job_id, "hold", reason, code=3, subcode=subcode if isinstance(subcode, int) else 0)
+            elif status == HELD and self._policy_true(job, "PeriodicRelease"):
                 self._act(job_id, "release", "The job attribute PeriodicRelease expression became true")
-            if status != COMPLETED and "PeriodicRemove" in job and classads.evaluate_constraint(job.lookup("PeriodicRemove"), job):
+            elif status in (IDLE, RUNNING, HELD) and self._policy_true(job, "PeriodicRemove"):
                 self._act(job_id, "remove", "The job attribute PeriodicRemove expression became true")
         self.commit_soon()
+
+    @staticmethod
+    def _policy_true(job: classads.ClassAd, attribute: str) -> bool:
+        return attribute in job and classads.evaluate_constraint(job.lookup(attribute), job)
 
     # -- ads ----------------------------------------------------------------------------------
     def ads(self) -> list[classads.ClassAd]:

@@ -49,7 +49,7 @@ class Shadow:
         self.schedd = schedd
         self.claim = claim
         self.job_id = job_id
-        self.kill_request: tuple[int, str] | None = None  # (status to set, reason)
+        self.kill_request: tuple[int, str, int, int] | None = None  # (status to set, reason, code, subcode)
         self.reconnecting = False
 
     @property
@@ -230,14 +230,14 @@ class Shadow:
 
     @defer.inlineCallbacks
     def _kill(self) -> Any:
-        status, reason = self.kill_request
+        status, reason, code, subcode = self.kill_request
         try:
             result = yield self.call("KILL_JOB", _with(Grace=0))
             self._record_usage(result)
             yield self.call("DEACTIVATE_CLAIM", classads.ClassAd())
         except (CommandError, ConnectionFailed) as e:
             log.info("kill of {job} on {slot}: {error}", job=self.name, slot=self.claim.slot_name, error=str(e))
-        self.schedd.finish_kill(self.job_id, status, reason)
+        self.schedd.finish_kill(self.job_id, status, reason, code, subcode)
         return False
 
     # -- output sandbox and completion -----------------------------------------------------------

@@ -22,6 +22,7 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer
+from twisted.internet import task
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -541,6 +542,8 @@ class StartdService(service.MultiService):
             if loop.running:
                 loop.stop()
         yield self.startd.shutdown(self.grace)
+        # Let the evictions the shadows were told about reach them before connections close.
+        yield task.deferLater(self.reactor, 0.2, lambda: None)
         for slot in list(self.startd.slots.values()):
             self.invalidate(slot)
         for claim in list(self.startd.claims.values()):

@@ -20,7 +20,7 @@ audit_log = "{workdir}/audit.jsonl"
 [security.READ]
 allow = ["*"]
 [security.WRITE]
-allow_regex = ["fs:.*"]
+allow_regex = ["fs:.*", "/O=gwms/OU=Users/CN=.*"]
 [security.ADMINISTRATOR]
 allow = ["{host}"]
 [security.DAEMON]
@@ -42,6 +42,7 @@ address_file = "{workdir}/negotiator.address"
 
 [schedd]
 listen = "127.0.0.1:0"
+grid_mapfile = "{workdir}/grid-mapfile"
 unix_socket = "{socket_dir}/schedd.sock"
 spool = "{workdir}/spool"
 update_interval = 2
@@ -89,6 +90,7 @@ def write_config(path: Path, creds: Any, workdir: Path, collector: str, collecto
 
 
 def start_pool(creds: Any, workdir: Path, start_daemon: Callable[..., Any], **options: Any) -> Pool:
+    (workdir / "grid-mapfile").write_text(f'"/O=gwms/OU=Users/CN=alice" {getpass.getuser()}\n')
     first = write_config(workdir / "collector.toml", creds, workdir, "127.0.0.1:9618", "127.0.0.1:0", **options)
     collector = start_daemon("collector", first, workdir)
     config = write_config(workdir / "pool.toml", creds, workdir, collector.address, collector.address, **options)
