@@ -207,6 +207,55 @@ def bench_churn(path: Path, jobs: int, slots: int) -> dict[str, object]:
     }
 
 
+SCHEDD_ONLY = """
+[pool]
+name = "bench"
+collectors = ["127.0.0.1:1"]
+[security.READ]
+allow = ["*"]
+[security.WRITE]
+allow_regex = ["fs:.*"]
+[schedd]
+listen = "127.0.0.1:0"
+unix_socket = "{dir}/schedd.sock"
+spool = "{dir}/spool"
+address_file = "{dir}/schedd.address"
+update_interval = 3600
+"""
+
+
+def bench_gwms_submit(directory: Path, procs: int) -> dict[str, object]:
+    """End to end: `gwms submit` of one cluster of ``procs`` jobs to a real schedd over its UNIX
+    socket (fs authentication); timed from the command's start to its exit, which is after the
+    schedd acknowledged the durable commit. Nothing else runs (no collector: its updates fail)."""
+    from gwms.cli.demo import start_daemon, wait_for_file
+
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    config = directory / "schedd.toml"
+    config.write_text(SCHEDD_ONLY.format(dir=directory))
+    log = directory / "schedd.log"
+    proc = start_daemon("schedd", config, log)
+    try:
+        wait_for_file(directory / "schedd.address", proc, 30, log)
+        sub = directory / "big.sub"
+        sub.write_text("executable = /bin/true\narguments = $(Process)\noutput = out.$(Process)\n"
+                       f"request_memory = 1\nqueue {procs}\n")
+        env = {**os.environ, "GWMS_SCHEDD": f"unix:{directory}/schedd.sock"}
+        t0 = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "gwms", "submit", str(sub)], env=env, capture_output=True,
+                              text=True)
+        elapsed = time.perf_counter() - t0
+        if done.returncode != 0:
+            raise SystemExit(f"gwms submit failed: {done.stderr}")
+        return {"procs": procs, "seconds": round(elapsed, 2), "jobs_per_s": round(procs / elapsed),
+                "schedd_rss_mib": round(int(next(line.split()[1] for line in Path(f"/proc/{proc.pid}/status")
+                                                  .read_text().splitlines() if line.startswith("VmRSS:"))) / 1024, 1),
+                "output": done.stdout.strip()}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--procs", type=int, default=100_000)
@@ -225,6 +274,8 @@ def main() -> None:
             "submit": bench_submit(Path(tmp) / "submit.db", args.procs),
             "churn": bench_churn(Path(tmp) / "churn.db", args.churn_jobs, args.slots),
             "churn_commit_per_event": bench_churn_unbatched(Path(tmp) / "unbatched.db", args.churn_jobs),
+            "gwms_submit_end_to_end": bench_gwms_submit(Path(tmp), args.procs),
+            "targets": {"gwms_submit_end_to_end_seconds": 10},
         }
     print(json.dumps(result, indent=2))
 
