@@ -335,7 +335,7 @@ class MemoryPool:
             due = any(c.getTime() <= self.clock.seconds() for c in self.clock.getDelayedCalls())
             if not moved and not due:
                 return
-        raise PoolTimeout(f"the pool did not settle in {rounds} rounds at clock {self.clock.seconds():g}: "
+        raise PoolTimeout(f"the pool did not settle in {rounds} rounds at clock {self.clock.seconds():.1f}: "
                           f"daemons keep talking ({self.describe()})")
 
     def _step(self, until: float, max_step: float) -> None:
@@ -387,7 +387,7 @@ class MemoryPool:
         jobs = ", ".join(f"{c}.{p} {STATUS_NAMES.get(j.get('JobStatus'), j.get('JobStatus'))}"
                          for (c, p), j in self.queue.jobs()) or "none"
         slots = ", ".join(f"{s.name} {s.state}/{s.activity}" for s in self.startd.slots.values())
-        return f"clock {self.clock.seconds():g}; jobs in the queue: {jobs}; slots: {slots}"
+        return f"clock {self.clock.seconds():.1f}; jobs in the queue: {jobs}; slots: {slots}"
 
     # -- users ---------------------------------------------------------------------------------
     def client(self, user: str) -> ScheddClient:

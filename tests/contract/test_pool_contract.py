@@ -78,16 +78,37 @@ def test_ten_jobs_complete_with_their_exit_codes(make_pool):
     assert terminated == [(i, i % 3) for i in range(10)]
 
 
+# Long on its first run (so that it is still running when held), short once it has run before.
+# The fake job reads the same fact from the job ad the startd got.
+ONCE_LONG_SCRIPT = """#!/bin/sh
+if grep -q '^NumJobStarts = 0$' "$_CONDOR_JOB_AD"; then sleep 60; fi
+echo "$@"
+"""
+
+ONCE_LONG_JOB = """
+executable = once_long.sh
+arguments = done
++FakeRunTime = ifThenElse(NumJobStarts > 0, 1, 60)
+output = once_long.out
+log = once_long.log
+queue
+"""
+
+# How long a running job may take to notice a hold today: the shadow looks at a kill request
+# only when its WAIT_JOB long poll (20 s) returns. See test_a_hold_reaches_a_running_job_at_once.
+HOLD_LATENCY = 30
+
+
 def test_hold_a_running_job_release_it_and_it_completes_remove_an_idle_one(make_pool):
     driver = make_pool(slots=2)
     user = driver.users[0]
-    running = driver.submit(user, SLOW_JOB.format(seconds=3, n=1), _slow_files(3))
+    running = driver.submit(user, ONCE_LONG_JOB, {"once_long.sh": ONCE_LONG_SCRIPT})
     idle = driver.submit(user, NEVER_MATCHES, _slow_files(0))
     job, idle_job = f"{running}.0", f"{idle}.0"
 
     driver.wait_until(lambda: _status(driver, running) == RUNNING, 30, f"{job} to run")
     assert driver.act(user, "hold", [job], reason="contract: hold it").done == [job]
-    driver.wait_until(lambda: _status(driver, running) == HELD, 30, f"{job} to be held")
+    driver.wait_until(lambda: _status(driver, running) == HELD, HOLD_LATENCY, f"{job} to be held")
     [held] = driver.queue(running)
     assert held["HoldReason"] == "contract: hold it" and held["HoldReasonCode"] == 1
 
@@ -95,17 +116,36 @@ def test_hold_a_running_job_release_it_and_it_completes_remove_an_idle_one(make_
     driver.wait_until(lambda: not driver.queue(running), 30, f"{job} to run again and complete")
     [done] = driver.history(running)
     assert (done["JobStatus"], done["ExitCode"], done["NumJobStarts"]) == (COMPLETED, 0, 2)
-    assert (driver.iwd(running) / "slow.out").read_text() == "done\n"
+    assert (driver.iwd(running) / "once_long.out").read_text() == "done\n"
+    kinds = [e.type for e in htcondor2.JobEventLog(str(driver.iwd(running) / "once_long.log")).events(stop_after=0)]
+    assert kinds.index(htcondor2.JobEventType.JOB_HELD) < kinds.index(htcondor2.JobEventType.JOB_RELEASED) \
+        < kinds.index(htcondor2.JobEventType.JOB_TERMINATED)
 
     assert _status(driver, idle) == IDLE
     assert driver.act(user, "remove", [idle_job]).done == [idle_job]
     driver.wait_until(lambda: not driver.queue(idle), 30, f"{idle_job} to leave the queue")
     [removed] = driver.history(idle)
     assert removed["JobStatus"] == REMOVED
-    kinds = [e.type for e in htcondor2.JobEventLog(str(driver.iwd(running) / "slow.log")).events(stop_after=0)]
-    assert htcondor2.JobEventType.JOB_HELD in kinds and htcondor2.JobEventType.JOB_RELEASED in kinds
     kinds = [e.type for e in htcondor2.JobEventLog(str(driver.iwd(idle) / "idle.log")).events(stop_after=0)]
     assert htcondor2.JobEventType.JOB_ABORTED in kinds
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "schedd: (1) Schedd._act only sets Shadow.kill_request, which Shadow.follow reads when its "
+    "WAIT_JOB long poll returns, up to 20 s later (and never, if the job exits first: it then "
+    "completes although the hold was acknowledged); (2) after killing a job the shadow neither "
+    "reuses nor releases its claim, so on one slot a released job waits for the startd's "
+    "idle_claim_timeout (600 s)"))
+def test_a_hold_reaches_a_running_job_at_once(make_pool):
+    driver = make_pool(slots=1)
+    user = driver.users[0]
+    cluster = driver.submit(user, ONCE_LONG_JOB, {"once_long.sh": ONCE_LONG_SCRIPT})
+    job = f"{cluster}.0"
+    driver.wait_until(lambda: _status(driver, cluster) == RUNNING, 30, f"{job} to run")
+    assert driver.act(user, "hold", [job]).done == [job]
+    driver.wait_until(lambda: _status(driver, cluster) == HELD, 5, f"{job} to be held")
+    assert driver.act(user, "release", [job]).done == [job]
+    driver.wait_until(lambda: not driver.queue(cluster), 30, f"{job} to run again on the only slot")
 
 
 def test_a_user_cannot_remove_another_users_job(make_pool):
