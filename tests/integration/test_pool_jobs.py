@@ -182,6 +182,12 @@ def test_schedd_killed_with_running_jobs_loses_none_and_runs_none_twice(pool, tm
     history = json.loads(run(gwms_cli, pool, "history", "1", "--json").stdout)
     assert sorted(j["NumJobStarts"] for j in history) == [1] * 6
     assert all(j["JobStatus"] == 4 and j["ExitCode"] == 0 for j in history)
+    import htcondor2
+
+    events = list(htcondor2.JobEventLog(str(jobdir / "witness.log")).events(stop_after=0))
+    disconnected = {e.proc for e in events if e.type == htcondor2.JobEventType.JOB_DISCONNECTED}
+    reconnected = {e.proc for e in events if e.type == htcondor2.JobEventType.JOB_RECONNECTED}
+    assert len(disconnected) >= 2 and disconnected == reconnected  # the running jobs were picked up again
 
 
 DAEMON_JOB = """#!/bin/sh
