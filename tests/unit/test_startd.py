@@ -1,0 +1,195 @@
+"""The startd's slots and claims on a Clock: capabilities, START, carving, worklife, timeouts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.testing import MemoryReactorClock
+
+from gwms import classads
+from gwms.config import parse_config
+from gwms.protocols.messages import CommandError
+from gwms.startd.service import Startd
+
+
+class Switch:
+    name = "fake"
+
+    def prepare_sandbox(self, job, sandbox):
+        return None
+
+
+class FakeProcess:
+    """Finishes when told to; records kills."""
+
+    def __init__(self, reactor, switch, job, argv, env, sandbox, stdin, stdout, stderr, marker):
+        self.finished = defer.Deferred()
+        self.pid = 4242
+        self.killed = None
+
+    def start(self):
+        pass
+
+    def usage(self):
+        from gwms.startd.process import Usage
+
+        return Usage(0.0, 0.0, 0.0, 0)
+
+    def kill(self, grace):
+        self.killed = grace
+        self.end(signal=9)
+        return defer.succeed(None)
+
+    def end(self, code=None, signal=None):
+        from gwms.startd.process import JobResult, Usage
+
+        if not self.finished.called:
+            self.finished.callback(JobResult(code, signal, Usage(0.1, 0.0, 1.0, 100), 0))
+
+
+@dataclass
+class FakeRequest:
+    ad: Any
+
+
+def ad(**values):
+    a = classads.ClassAd()
+    for k, v in values.items():
+        a[k] = v
+    return a
+
+
+def job(owner="alice", cpus=1, memory=100, **extra):
+    j = ad(Owner=owner, RequestCpus=cpus, RequestMemory=memory, RequestDisk=1000, ClusterId=1, ProcId=0,
+           Cmd="/bin/true", Requirements=classads.parse_expr("TARGET.Cpus >= RequestCpus"), **extra)
+    return j
+
+
+def startd(tmp_path, text=""):
+    clock = MemoryReactorClock()
+    config = parse_config(f'[startd]\nexecute = "{tmp_path}/execute"\ncpus = 4\nmemory = 4000\ndisk = 100000\n'
+                          f'name = "wn"\nclaim_worklife = 100\nidle_claim_timeout = 30\n{text}')
+    s = Startd(clock, config, Switch(), process_factory=FakeProcess)
+    s.address = "127.0.0.1:1"
+    return clock, s
+
+
+def capability(s, name="slot1@wn"):
+    return s.slot_ad(s.slots[name])["ClaimId"]
+
+
+def test_static_slots_split_the_machine_and_a_capability_claims_once(tmp_path):
+    clock, s = startd(tmp_path, "slots = 2\n")
+    assert sorted(s.slots) == ["slot1@wn", "slot2@wn"] and s.slots["slot1@wn"].cpus == 2
+    cap = capability(s)
+    reply = s.request_claim(FakeRequest(ad(ClaimId=cap, JobAd=job(), Schedd="schedd")))
+    assert reply["SlotName"] == "slot1@wn" and reply["ClaimId"] != cap
+    assert s.slots["slot1@wn"].state == "Claimed" and "ClaimId" not in s.slot_ad(s.slots["slot1@wn"])
+    with pytest.raises(CommandError) as e:
+        s.request_claim(FakeRequest(ad(ClaimId=cap, JobAd=job(), Schedd="schedd")))
+    assert e.value.code == "BAD_CLAIM"
+
+
+def test_a_forged_capability_is_refused(tmp_path):
+    clock, s = startd(tmp_path)
+    handle = capability(s).split("#")[0]
+    for forged in (f"{handle}#{'0' * 64}", "nothash", 42):
+        with pytest.raises(CommandError) as e:
+            s.request_claim(FakeRequest(ad(ClaimId=forged, JobAd=job(), Schedd="schedd")))
+        assert e.value.code == "BAD_CLAIM"
+
+
+def test_start_expression_refuses_a_job(tmp_path):
+    clock, s = startd(tmp_path, 'start = "TARGET.Owner != \\"mallory\\""\n')
+    with pytest.raises(CommandError) as e:
+        s.request_claim(FakeRequest(ad(ClaimId=capability(s), JobAd=job(owner="mallory"), Schedd="x")))
+    assert e.value.code == "REFUSED" and "START" in e.value.message
+    assert s.request_claim(FakeRequest(ad(ClaimId=capability(s), JobAd=job(), Schedd="x")))["SlotName"]
+
+
+def test_partitionable_slot_is_carved_and_resources_come_back_on_release(tmp_path):
+    clock, s = startd(tmp_path, "partitionable = true\n")
+    cap = capability(s)
+    claims = [s.request_claim(FakeRequest(ad(ClaimId=cap, JobAd=job(cpus=1, memory=1000), Schedd="x")))
+              for _ in range(3)]
+    assert [c["SlotName"] for c in claims] == ["slot1_1@wn", "slot1_2@wn", "slot1_3@wn"]
+    pslot = s.slots["slot1@wn"]
+    assert (pslot.cpus, pslot.memory) == (1, 1000)
+    with pytest.raises(CommandError) as e:
+        s.request_claim(FakeRequest(ad(ClaimId=cap, JobAd=job(cpus=2), Schedd="x")))
+    assert "not enough resources" in e.value.message
+    s.release(s.claim_for(FakeRequest(ad(ClaimId=claims[0]["ClaimId"]))))
+    assert (pslot.cpus, pslot.memory) == (2, 2000) and "slot1_1@wn" not in s.slots
+
+
+def _run_job(s, claim_id, jobad):
+    s.activate(FakeRequest(ad(ClaimId=claim_id, JobAd=jobad)))
+    s.start_job(FakeRequest(ad(ClaimId=claim_id)))
+    claim = s.claim_for(FakeRequest(ad(ClaimId=claim_id)))
+    return claim
+
+
+def test_claim_is_reused_until_its_worklife_ends(tmp_path):
+    clock, s = startd(tmp_path)
+    claim_id = s.request_claim(FakeRequest(ad(ClaimId=capability(s), JobAd=job(), Schedd="x")))["ClaimId"]
+    for _ in range(2):
+        claim = _run_job(s, claim_id, job())
+        claim.starter.process.end(code=0)
+        assert s.deactivate(FakeRequest(ad(ClaimId=claim_id)))["Released"] is False
+    clock.advance(101)
+    claim = _run_job(s, claim_id, job())
+    claim.starter.process.end(code=0)
+    assert s.deactivate(FakeRequest(ad(ClaimId=claim_id)))["Released"] is True
+    assert s.slots["slot1@wn"].state == "Unclaimed"
+
+
+def test_a_claim_runs_only_its_users_jobs(tmp_path):
+    clock, s = startd(tmp_path)
+    claim_id = s.request_claim(FakeRequest(ad(ClaimId=capability(s), JobAd=job(), Schedd="x")))["ClaimId"]
+    with pytest.raises(CommandError) as e:
+        s.activate(FakeRequest(ad(ClaimId=claim_id, JobAd=job(owner="bob"))))
+    assert "of the user it was made for only" in e.value.message
+
+
+def test_idle_claims_are_released_and_expired_leases_kill_the_job(tmp_path):
+    clock, s = startd(tmp_path, "slots = 2\n")
+    idle = s.request_claim(FakeRequest(ad(ClaimId=capability(s, "slot1@wn"), JobAd=job(), Schedd="x")))
+    busy = s.request_claim(FakeRequest(ad(ClaimId=capability(s, "slot2@wn"), JobAd=job(), Schedd="x")))
+    claim = _run_job(s, busy["ClaimId"], job(JobLeaseDuration=60))
+    process = claim.starter.process
+    clock.advance(31)
+    s.housekeeping()
+    assert s.slots["slot1@wn"].state == "Unclaimed"  # idle for more than idle_claim_timeout
+    assert s.slots["slot2@wn"].state == "Claimed"  # its job holds it
+    clock.advance(30)
+    s.housekeeping()
+    assert process.killed == 0 and s.slots["slot2@wn"].state == "Unclaimed"  # lease expired: no shadow
+    del idle
+
+
+def test_wait_job_long_poll_answers_when_the_job_exits(tmp_path):
+    clock, s = startd(tmp_path)
+    claim_id = s.request_claim(FakeRequest(ad(ClaimId=capability(s), JobAd=job(), Schedd="x")))["ClaimId"]
+    claim = _run_job(s, claim_id, job())
+    d = s.wait_job(FakeRequest(ad(ClaimId=claim_id, Timeout=20)))
+    assert not d.called
+    claim.starter.process.end(code=3)
+    status = d.result
+    assert status["Exited"] and status["ExitCode"] == 3 and status["RemoteUserCpu"] == 0.1
+    still = s.wait_job(FakeRequest(ad(ClaimId=claim_id, Timeout=5)))
+    assert isinstance(still, classads.ClassAd) and still["ExitCode"] == 3  # already exited: answered at once
+
+
+def test_wait_job_times_out_with_running_status_and_shutdown_evicts(tmp_path):
+    clock, s = startd(tmp_path)
+    claim_id = s.request_claim(FakeRequest(ad(ClaimId=capability(s), JobAd=job(), Schedd="x")))["ClaimId"]
+    _run_job(s, claim_id, job())
+    d = s.wait_job(FakeRequest(ad(ClaimId=claim_id, Timeout=5)))
+    clock.advance(5)
+    assert d.result["Running"] is True and not d.result.get("Exited", False)
+    pending = s.wait_job(FakeRequest(ad(ClaimId=claim_id, Timeout=20)))
+    s.shutdown(grace=0)
+    assert pending.result["Evicted"] is True and "shutting down" in pending.result["Reason"]
