@@ -114,7 +114,10 @@ class Schedd:
 
     # -- submission -----------------------------------------------------------------------------
     def new_cluster(self, request: Request) -> classads.ClassAd:
-        self.user_of(request)
+        try:
+            userfiles.Account.named(self.user_of(request))
+        except userfiles.UserFileError as e:
+            raise CommandError("PERMISSION_DENIED", str(e)) from None
         cluster = self.queue.new_cluster()
         request.connection.__dict__.setdefault("gwms_clusters", set()).add(cluster)
         return _ad(ClusterId=cluster)

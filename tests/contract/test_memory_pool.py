@@ -1,0 +1,191 @@
+"""The memory pool and its fake jobs themselves: a whole job's life on a clock, in no real time."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import htcondor2
+import pytest
+from twisted.internet.testing import MemoryReactorClock
+
+from gwms import classads
+from gwms.protocols.client import Address
+from gwms.protocols.messages import CommandError, ConnectionFailed
+from gwms.testing.network import MemoryNetwork, memory_client_security, memory_config
+from gwms.testing.pool import MemoryPool, PoolTimeout
+from gwms.testing.processes import FAKE_PEAK_RSS_KB, FakeJobProcess, fake_output_content
+
+EPOCH = 1_700_000_000
+
+ONE_JOB = """
+executable = /bin/echo
+transfer_executable = false
+arguments = hello world
++FakeRunTime = 30
++FakeExitCode = 7
++FakeOutputs = "result.txt"
+output = job.out
+error = job.err
+log = job.log
+queue
+"""
+
+
+@pytest.fixture
+def clock():
+    clock = MemoryReactorClock()
+    clock.advance(EPOCH)
+    return clock
+
+
+@pytest.fixture
+def pool(clock, tmp_path):
+    with MemoryPool(clock, tmp_path / "pool", slots=2) as pool:
+        yield pool
+
+
+def test_a_jobs_whole_life_on_the_clock(pool, clock):
+    cluster = pool.submit("alice", ONE_JOB)
+    job = f"{cluster}.0"
+    submitted = clock.seconds()
+    seen: list[int | None] = []
+
+    def completed() -> bool:
+        status = pool.status(job)
+        if not seen or seen[-1] != status:
+            seen.append(status)
+        return status == 4
+
+    pool.run_until(completed, 120, f"{job} to complete")
+    assert seen == [1, 2, 4]  # Idle, Running, Completed
+    [done] = pool.history()
+    assert (done["Owner"], done["ExitCode"], done["ExitBySignal"], done["NumJobStarts"]) == ("alice", 7, False, 1)
+    assert done["RemoteWallClockTime"] == pytest.approx(30, abs=1)  # the fake's run time, on the clock
+    assert done["CompletionDate"] - done["JobStartDate"] == pytest.approx(30, abs=1)
+    assert done["RemoteUserCpu"] > 0 and done["ResidentSetSize"] == FAKE_PEAK_RSS_KB
+    assert clock.seconds() - submitted < 60  # matched at once on the schedd's RESCHEDULE
+
+    iwd = pool.iwds[cluster]
+    assert (iwd / "job.out").read_text() == "hello world\n"
+    assert (iwd / "job.err").read_text() == ""
+    assert (iwd / "result.txt").read_bytes() == fake_output_content(done, "result.txt")
+    events = list(htcondor2.JobEventLog(str(iwd / "job.log")).events(stop_after=0))
+    assert [e.type for e in events] == [htcondor2.JobEventType.SUBMIT, htcondor2.JobEventType.EXECUTE,
+                                        htcondor2.JobEventType.JOB_TERMINATED]
+    assert events[2]["ReturnValue"] == 7
+    assert events[2].timestamp - events[1].timestamp == pytest.approx(30, abs=1)
+    assert not list((pool.workdir / "execute").iterdir())  # the sandbox is gone
+    assert [s.state for s in pool.startd.slots.values()] == ["Unclaimed", "Unclaimed"]
+
+
+def test_jobs_go_over_the_network_with_authorization(pool):
+    pool.submit("alice", ONE_JOB)
+    assert pool.calls[("schedd", "SUBMIT")] == 1 and pool.calls[("negotiator", "RESCHEDULE")] == 0
+    pool.advance(1)
+    assert pool.calls[("negotiator", "RESCHEDULE")] == 1
+    assert pool.matches == 1 and pool.calls[("startd", "REQUEST_CLAIM")] == 1
+    allowed = {(d, who, cmd) for d, who, cmd, _level, ok, _rule in pool.audit if ok}
+    assert ("collector", "negotiator", "QUERY_PRIVATE") in allowed
+    assert ("startd", "schedd", "REQUEST_CLAIM") in allowed
+    with pytest.raises(CommandError) as e:
+        pool.submit("mallory", ONE_JOB)  # not in the pool's users: no WRITE
+    assert e.value.code == "PERMISSION_DENIED"
+    assert ("schedd", "mallory", "NEW_CLUSTER", "WRITE", False, "'mallory' is not listed for WRITE") in pool.audit
+
+
+def test_run_until_says_what_it_waited_for_and_where_the_pool_is(pool):
+    cluster = pool.submit("bob", ONE_JOB.replace("queue", "requirements = false\nqueue"))
+    with pytest.raises(PoolTimeout) as e:
+        pool.run_until(lambda: not pool.query(), 10, "the queue to empty")
+    message = str(e.value)
+    assert "after 10 clock seconds waiting for the queue to empty" in message
+    assert f"{cluster}.0 Idle" in message and "slot1@wn1.memory Unclaimed/Idle" in message
+
+
+def test_the_memory_connector_refuses_addresses_nobody_listens_on(clock):
+    network = MemoryNetwork(clock)
+    failures = []
+    network.connector(clock, Address.parse("nowhere.memory:1"), "READ",
+                      memory_client_security(memory_config(), "x")).addErrback(failures.append)
+    assert failures and failures[0].check(ConnectionFailed)
+    assert "nothing listens there" in failures[0].getErrorMessage()
+
+
+# -- FakeJobProcess on its own ----------------------------------------------------------------
+
+def _fake(clock, tmp_path: Path, **attributes) -> FakeJobProcess:
+    job = classads.ClassAd()
+    job["ClusterId"], job["ProcId"] = 3, 1
+    for name, value in attributes.items():
+        job[name] = classads.parse_expr(value) if isinstance(value, str) else value
+    return FakeJobProcess(clock, None, job, ["/bin/job", "a", "b"], {}, tmp_path, None, tmp_path / "out",
+                          tmp_path / "err", "marker")
+
+
+def _result(d):
+    results = []
+
+    def keep(result):
+        results.append(result)
+        return result  # the Deferred keeps its result for the next caller
+
+    d.addBoth(keep)
+    return results[0] if results else None
+
+
+def test_fake_job_runs_for_its_time_on_the_clock_and_exits(clock, tmp_path):
+    job = _fake(clock, tmp_path, FakeRunTime=5, FakeExitCode=3, FakeOutputs='"x.txt, y.txt"', FakeStderr='"oops\\n"')
+    job.start()
+    assert job.pid is not None and job.pid > 2**22  # no real process can have it
+    assert (tmp_path / "out").read_text() == "a b\n" and (tmp_path / "err").read_text() == "oops\n"
+    clock.advance(4)
+    assert not job.finished.called and job.usage().wall == 4
+    clock.advance(1)
+    result = _result(job.finished)
+    assert (result.exit_code, result.exit_signal, result.exec_error) == (3, None, None)
+    assert result.usage.wall == 5 and 0 < result.usage.user_cpu < 5
+    assert (tmp_path / "x.txt").read_bytes() == b"output x.txt of job 3.1\n"
+    assert (tmp_path / "y.txt").exists()
+    with pytest.raises(RuntimeError):
+        job.start()
+
+
+def test_fake_job_dies_of_sigterm_on_kill(clock, tmp_path):
+    job = _fake(clock, tmp_path, FakeRunTime=100)
+    job.start()
+    killed = job.kill(grace=10)
+    assert not killed.called  # as the real one: the result comes on a later reactor turn
+    clock.advance(0)
+    assert (_result(killed).exit_code, _result(killed).exit_signal) == (None, signal.SIGTERM)
+    assert _result(job.finished) is _result(killed)
+    assert _result(job.kill(5)).exit_signal == signal.SIGTERM  # already over
+
+
+def test_fake_job_that_ignores_sigterm_is_killed_after_the_grace(clock, tmp_path):
+    job = _fake(clock, tmp_path, FakeRunTime=100, FakeIgnoreSigterm=True)
+    job.start()
+    first = job.kill(grace=30)
+    clock.advance(10)
+    assert not first.called
+    second = job.kill(grace=5)  # can only shorten the grace
+    clock.advance(5)
+    assert _result(first).exit_signal == _result(second).exit_signal == signal.SIGKILL
+    assert _result(first).usage.wall == 15
+
+
+def test_fake_job_with_a_bad_attribute_fails_like_a_command_that_cannot_run(clock, tmp_path):
+    job = _fake(clock, tmp_path, FakeRunTime='"soon"')
+    job.start()
+    clock.advance(0)
+    result = _result(job.finished)
+    assert result.exit_code == 126 and "FakeRunTime must be a non-negative number" in result.exec_error
+    assert "FakeRunTime" in (tmp_path / "err").read_text()
+
+
+def test_fake_job_checks_its_arguments_as_the_real_one(clock, tmp_path):
+    with pytest.raises(ValueError):
+        FakeJobProcess(clock, None, classads.ClassAd(), [], {}, tmp_path, None, tmp_path / "o", tmp_path / "e", "m")
+    job = _fake(clock, tmp_path)
+    with pytest.raises(RuntimeError):
+        job.kill()
