@@ -41,11 +41,43 @@ class Creds:
         self.host_cert, self.host_key = issue_host(base / "creds", "localhost")
 
 
+def memory_per_running_job(n: int, jobdir: Path, env: dict[str, str], schedd_pid: int) -> dict[str, object]:
+    """The schedd's resident memory growth per running job: N long jobs on N slots."""
+    def queue() -> list[dict[str, object]]:
+        q = subprocess.run([sys.executable, "-m", "gwms", "q", "--allusers", "--json"], env=env,
+                           capture_output=True, text=True)
+        return json.loads(q.stdout or "[]")
+
+    (jobdir / "sleep.sub").write_text(f"executable = /bin/sleep\narguments = 900\ntransfer_executable = false\n"
+                                      f"request_memory = 1\nqueue {n}\n")
+    baseline = rss_kb(schedd_pid)
+    subprocess.run([sys.executable, "-m", "gwms", "submit", str(jobdir / "sleep.sub")], env=env, check=True,
+                   capture_output=True)
+    after_submit = rss_kb(schedd_pid)
+    t0 = time.perf_counter()
+    running = 0
+    while time.perf_counter() - t0 < 300:
+        running = sum(1 for j in queue() if j.get("JobStatus") == 2)
+        if running >= n:
+            break
+        time.sleep(1)  # a benchmark's polling interval
+    with_running = rss_kb(schedd_pid)
+    subprocess.run([sys.executable, "-m", "gwms", "rm", "--constraint", "true"], env=env, capture_output=True)
+    return {"running_jobs": running, "schedd_rss_kb_idle_queue": after_submit, "schedd_rss_kb_baseline": baseline,
+            "schedd_rss_kb_running": with_running,
+            "schedd_kb_per_running_job": round((with_running - after_submit) / max(running, 1), 1),
+            "target_kb_per_running_job": 200}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--memory-jobs", type=int, default=0,
+                        help="instead: run this many long jobs at once and report the schedd's memory per running job")
     args = parser.parse_args()
+    if args.memory_jobs:
+        args.slots = args.memory_jobs
 
     from gwms.cli.demo import start_daemon as spawn, wait_for_file
     from pool import write_config
@@ -72,6 +104,16 @@ def main() -> None:
                                      f"request_memory = 1\nqueue {args.jobs}\n")
     env = {**os.environ, "GWMS_CONFIG": str(config)}
     result: dict[str, object] = {"jobs": args.jobs, "slots": args.slots}
+    if args.memory_jobs:
+        try:
+            result = memory_per_running_job(args.memory_jobs, jobdir, env, procs["schedd"].pid)
+        finally:
+            for p in procs.values():
+                p.terminate()
+            for p in procs.values():
+                p.wait(timeout=60)
+            print(json.dumps(result, indent=2))
+        return
     try:
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "gwms", "submit", str(jobdir / "true.sub")], env=env, check=True,
