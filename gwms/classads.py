@@ -59,7 +59,10 @@ __all__ = [
     "evaluate_constraint",
     "compile_constraint",
     "symmetric_match",
+    "requirements_met",
     "rank",
+    "references",
+    "conjuncts",
     "project",
     "without",
     "to_python",
@@ -153,6 +156,20 @@ ERROR: Final = _ErrorValue()
 # ---------------------------------------------------------------------------------------------
 
 
+def _defines(ad: ClassAd, name: str) -> bool:
+    """Whether ``ad`` has attribute ``name``, without converting its value to Python.
+
+    ``name in ad`` (Mapping.__contains__) converts the value, and the first nested ad classad2
+    converts makes it import htcondor2, which switches classad2 to old-ClassAd semantics for the
+    whole process (see "Matchmaking scope" below): checking for a name must not do that.
+    """
+    try:
+        ad.lookup(name)
+    except KeyError:
+        return False
+    return True
+
+
 def _parse_to_end(body: str) -> ClassAd | None:
     """classad2's ad for ``body`` + the end marker, if the ad reached the marker; else None.
 
@@ -162,7 +179,7 @@ def _parse_to_end(body: str) -> ClassAd | None:
         ad = ClassAd(body + _END_ATTRIBUTE)
     except (ClassAdException, ValueError):
         return None
-    if _END_NAME not in ad:
+    if not _defines(ad, _END_NAME):
         return None  # the ad closed earlier: something follows it
     del ad[_END_NAME]
     return ad
@@ -193,7 +210,7 @@ def _try_parse_expr(text: str) -> ExprTree | None:
         return None
     if ";" in text:
         other = _parse_to_end("[b = " + text)
-        if other is None or len(other) != 1 or "b" not in other:
+        if other is None or len(other) != 1 or not _defines(other, "b"):
             return None
     return expr
 
@@ -873,6 +890,564 @@ def decode(data: bytes) -> ClassAd:
 
 
 # ---------------------------------------------------------------------------------------------
+# Matchmaking scope: unscoped names fall through to the target, as in HTCondor
+# ---------------------------------------------------------------------------------------------
+
+# In HTCondor's matchmaking an unscoped reference (``Memory``, not ``MY.Memory``) that the ad
+# evaluating it does not define is looked up in the other ad: classad::AttributeReference
+# consults ClassAd::alternateScope, which the negotiator, condor_q -better-analyze and
+# MatchClassAd set to the match partner when old-ClassAd semantics are on (as in every HTCondor
+# daemon).  classad2 has that switch too, but it is process-wide and turned on as a side effect:
+# the first time classad2 converts a nested ad to Python it imports htcondor2, whose
+# configuration code flips it.  So plain classad2 gives either answer depending on what the
+# process did before.  We do not depend on it: expressions get explicit ``TARGET.`` prefixes
+# (HTCondor's own AddExplicitTargetRefs idea) so that both states give HTCondor's answer.
+#
+# How, without parsing ClassAds ourselves: classad2 prints the expression; a small token scan
+# of that canonical text finds the references that are unscoped; ``TARGET.`` is inserted before
+# those the ad does not define; classad2 parses the result, and it is used only if classad2
+# prints it back unchanged and its own externalRefs shows exactly the intended change.
+# Otherwise the expression is evaluated as it is (no fall-through), never differently.
+#
+# What falls through, exactly as AttributeReference::FindExpr does it: a bare name (not after a
+# '.', not a function name) that is undefined in the ad *and* in the scope chain classad2's
+# match ad puts above it (the names below).  Inside a nested ad literal (``[a = Foo].a``) the
+# current ad is the nested one, which has no alternate scope: nothing there falls through.
+# Attributes reached by reference (``Requirements = START``; START refers to the job's
+# RequestMemory) are evaluated in their own ad with the same rule, so they are rewritten too:
+# see _prepare.
+#
+# Limits (all rare in Requirements/START/Rank): names built at run time by eval() do not fall
+# through; nothing is rewritten inside the expression arguments of evalInEachContext(),
+# evaluateInContext() and countMatches(), whose scoping we cannot reproduce statically; an
+# expression classad2 cannot print back faithfully (e.g. a literal infinity) is left alone.
+# Reals in a rewritten expression are the 16 significant digits classad2 prints, as for every
+# expression that crossed the wire.
+
+# Names an unscoped reference finds in the scope chain of classad2's match ad before any
+# fall-through: classad2's special scopes and the attributes of its MatchClassAd and of the
+# per-side context ad ([ad = .LEFT; my = .LEFT; other = .RIGHT; target = .RIGHT]).
+_OWN_SCOPES: Final = frozenset({"my", "self", "toplevel", "root", "parent", "ad"})
+_OTHER_SCOPES: Final = frozenset({"target", "other"})
+_MATCH_AD_NAMES: Final = frozenset({
+    "lctx", "rctx", "left", "right", "leftrankvalue", "rightrankvalue",
+    "symmetricmatch", "leftmatchesright", "rightmatchesleft",
+})
+_NEVER_FALL_THROUGH: Final = _OWN_SCOPES | _OTHER_SCOPES | _MATCH_AD_NAMES
+_KEYWORDS: Final = frozenset({"true", "false", "undefined", "error", "is", "isnt"})
+_OPERAND_KEYWORDS: Final = frozenset({"true", "false", "undefined", "error"})
+# Functions that evaluate an argument in other ads' contexts (HTCondor's compat library).
+_CONTEXT_FUNCTIONS: Final = frozenset({"evalineachcontext", "evaluateincontext", "countmatches"})
+# Functions that build references at run time from strings.
+_DYNAMIC_FUNCTIONS: Final = frozenset({"eval"}) | _CONTEXT_FUNCTIONS
+
+# One token of classad2's printed text.  Only the canonical printer output is ever scanned, so
+# this needs no error handling: anything unexpected shows up in the checks after rewriting.
+# Strings and quoted names are whole tokens (their contents are never code); a number is one
+# token including its exponent (so the E of 1.5E+03 is not a name); the multi-character
+# operators are listed so that the '?' of "=?=" or the '&' of "&&" are not read alone.
+_TOKEN_RE = re.compile(
+    r"""(?P<ws>[ \t\n\r\v\f]+)
+      | (?P<str>"(?:[^"\\]|\\.)*")
+      | (?P<qname>'(?:[^'\\]|\\.)*')
+      | (?P<num>(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)
+      | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
+      | (?P<op>=\?=|=!=|&&|\|\||==|!=|<=|>=|>>>|>>|<<|\?:|.)""",
+    re.S | re.X,
+)
+
+
+class _Token:
+    __slots__ = ("kind", "start", "end", "text")
+
+    def __init__(self, kind: str, start: int, end: int, text: str) -> None:
+        self.kind = kind
+        self.start = start
+        self.end = end
+        self.text = text
+
+    def name(self) -> str:
+        """The attribute name of a name or quoted-name token."""
+        return self.text[1:-1] if self.kind == "qname" else self.text
+
+    def ends_operand(self) -> bool:
+        # What can stand just before a subscript '[' (anything else makes '[' open an ad).
+        if self.kind in ("str", "qname", "num"):
+            return True
+        if self.kind == "name":
+            return self.text.lower() not in ("is", "isnt")
+        return self.text in (")", "]", "}")
+
+
+def _tokens(text: str) -> list[_Token]:
+    return [_Token(m.lastgroup or "op", m.start(), m.end(), m.group(0))
+            for m in _TOKEN_RE.finditer(text) if m.lastgroup != "ws"]
+
+
+class _Scan:
+    """What the token scan of one printed expression found (cached by text)."""
+
+    __slots__ = ("text", "ok", "sites", "site_names", "probe", "probe_names", "own", "other", "dynamic",
+                 "variants")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.ok = False  # the text reads back as the same tree: offsets can be rewritten
+        self.sites: tuple[tuple[int, str], ...] = ()  # (offset, lower-case name): references that can fall through
+        self.site_names: dict[str, str] = {}  # lower-case -> spelling, for every site name
+        self.probe: dict[str, str] = {}  # lower-case -> spelling: every name whose definition matters
+        self.probe_names: tuple[str, ...] = ()  # the spellings, sorted: asked of the owner ad
+        self.own: tuple[str, ...] = ()  # MY.x and friends: attributes of the owner ad
+        self.other: tuple[str, ...] = ()  # TARGET.x: attributes of the other ad
+        self.dynamic = False  # eval(), a context function or an escaped name: references we cannot see
+        self.variants: dict[tuple[frozenset[str], bool], _Variant] = {}
+
+
+class _Variant:
+    """The expression as evaluated in one owner ad (for one set of undefined names)."""
+
+    __slots__ = ("expr", "own", "other")
+
+    def __init__(self, expr: ExprTree | None, own: tuple[str, ...], other: tuple[str, ...]) -> None:
+        self.expr = expr  # the rewritten tree, or None: evaluate the expression as it is
+        self.own = own  # names of the owner's attributes it refers to (defined ones)
+        self.other = other  # names of the other ad's attributes it refers to
+
+
+def _scan_text(text: str) -> _Scan:
+    scan = _Scan(text)
+    tokens = _tokens(text)
+    sites: list[tuple[int, str]] = []
+    own: dict[str, str] = {}
+    other: dict[str, str] = {}
+    nested: dict[str, str] = {}
+    # Open brackets: "ad" for a nested ad literal, "ctx" for the arguments of a context
+    # function, else the bracket itself.  Nothing inside an "ad" or "ctx" frame falls through.
+    stack: list[str] = []
+    closed_frames = 0  # how many "ad"/"ctx" frames are open
+    for i, token in enumerate(tokens):
+        kind = token.kind
+        if kind == "op":
+            char = token.text
+            if char == "[":
+                opens = "[" if i and tokens[i - 1].ends_operand() else "ad"
+            elif char == "(":
+                before = tokens[i - 1] if i else None
+                is_context = before is not None and before.kind == "name" and before.text.lower() in _CONTEXT_FUNCTIONS
+                opens = "ctx" if is_context else "("
+            elif char == "{":
+                opens = "{"
+            else:
+                if char in ")]}" and stack:
+                    if stack.pop() in ("ad", "ctx"):
+                        closed_frames -= 1
+                continue
+            stack.append(opens)
+            if opens in ("ad", "ctx"):
+                closed_frames += 1
+            continue
+        if kind not in ("name", "qname"):
+            continue
+        if kind == "qname" and "\\" in token.text:
+            scan.dynamic = True  # an escaped quoted name: we do not decode escapes ourselves
+            continue
+        name = token.name()
+        low = name.lower()
+        following = tokens[i + 1] if i + 1 < len(tokens) else None
+        if kind == "name":
+            if low in _KEYWORDS:
+                continue
+            if following is not None and following.text == "(":
+                if low in _DYNAMIC_FUNCTIONS:
+                    scan.dynamic = True
+                continue  # a function name, not an attribute
+        previous = tokens[i - 1] if i else None
+        if previous is not None and previous.kind == "op" and previous.text == ".":
+            # A selection "x.name" or an absolute ".name".  Only a scope word before the '.'
+            # makes it a reference to an ad's attribute; after anything else "name" is looked
+            # up in whatever x evaluates to, never in MY or TARGET directly.
+            head = tokens[i - 2] if i >= 2 else None
+            if head is None or not head.ends_operand():
+                own.setdefault(low, name)  # ".name": the root scope
+            elif head.kind in ("name", "qname") and not (i >= 3 and tokens[i - 3].text == "."):
+                scope = head.name().lower()
+                if scope in _OWN_SCOPES:
+                    own.setdefault(low, name)
+                elif scope in _OTHER_SCOPES:
+                    other.setdefault(low, name)
+            continue
+        if low in _NEVER_FALL_THROUGH:
+            continue
+        if closed_frames:
+            nested.setdefault(low, name)  # found through the parent chain, or undefined
+            continue
+        sites.append((token.start, low))
+        scan.site_names.setdefault(low, name)
+    scan.sites = tuple(sites)
+    scan.own = tuple(own.values())
+    scan.other = tuple(other.values())
+    probe = dict(scan.site_names)
+    for table in (nested, own):
+        for low, name in table.items():
+            probe.setdefault(low, name)
+    scan.probe = probe
+    scan.probe_names = tuple(sorted(probe.values()))
+    return scan
+
+
+@functools.lru_cache(maxsize=4096)
+def _names_list(names: tuple[str, ...]) -> ExprTree:
+    """``{a, b, ...}``: a list of references, for asking classad2 which an ad defines."""
+    return parse_expr("{" + ", ".join(_encode_name(name) for name in names) + "}")
+
+
+def _raw_refs(expr: ExprTree) -> set[str] | None:
+    """classad2's names for the references in ``expr``, as written (an ad with no attributes
+    reports every reference as external); None if classad2 cannot list them (it refuses
+    circular definitions, even inside a nested ad: ``[x = x].x``)."""
+    try:
+        return {ref for ref in _NO_ATTRIBUTES.externalRefs(expr) if ref}
+    except (ClassAdException, ValueError):
+        return None
+
+
+_NO_ATTRIBUTES: Final = ClassAd()
+_SCANS: dict[str, _Scan] = {}
+_SCANS_MAX: Final = 20_000
+
+
+def _scan(expr: ExprTree, text: str | None = None) -> _Scan:
+    if text is None:
+        text = repr(expr)
+    scan = _SCANS.get(text)
+    if scan is not None:
+        return scan
+    scan = _scan_text(text)
+    try:
+        # Offsets in the printed text are only meaningful if that text reads back as the tree
+        # (classad2's printer is not always faithful: A.'b c' comes out as A.b c).
+        again = parse_expr(text)
+        scan.ok = repr(again) == text and again == expr
+    except ClassAdError:
+        scan.ok = False
+    if len(_SCANS) >= _SCANS_MAX:
+        _SCANS.clear()  # pathological input only: a cold cache costs time, not correctness
+    _SCANS[text] = scan
+    return scan
+
+
+def _with_target_prefix(scan: _Scan, names: frozenset[str]) -> ExprTree | None:
+    """The expression with ``TARGET.`` before each site naming one of ``names``, checked by
+    classad2; None if the check fails."""
+    text = scan.text
+    pieces: list[str] = []
+    last = 0
+    for offset, low in scan.sites:
+        if low in names:
+            pieces.append(text[last:offset])
+            pieces.append("TARGET.")
+            last = offset
+    new_text = "".join(pieces) + text[last:]
+    try:
+        new = parse_expr(new_text)
+    except ClassAdError:
+        return None
+    if repr(new) != new_text:
+        return None  # classad2 read our text as something else
+    # classad2's own view of the references (it lists each name once, ignoring case): every
+    # rewritten name now appears as TARGET.name (or TARGET.name.more for a chain), and no
+    # other reference was added.
+    raw_before, raw_after = _raw_refs(parse_expr(text)), _raw_refs(new)
+    if raw_before is None or raw_after is None:
+        return None
+    before = {ref.lower() for ref in raw_before}
+    after = {ref.lower() for ref in raw_after}
+    if any(not ref.startswith("target.") for ref in after - before):
+        return None
+    for low in names:
+        prefix = "target." + low
+        if not any(ref == prefix or ref.startswith((prefix + ".", prefix + "[")) for ref in after):
+            return None
+    return new
+
+
+
+_NO_NAMES: Final = frozenset[str]()
+_NO_REFS: Final = [""]  # what classad2's externalRefs returns when there are none
+
+
+def _lookup_refs(ad: ClassAd, names: tuple[str, ...]) -> tuple[frozenset[str], list[str] | None]:
+    """Which of ``names`` ``ad`` lacks (lower case), and the references classad2 finds by
+    following the ones it has through ``ad`` (its externalRefs: unscoped ones transitively);
+    None for those if classad2 cannot tell (it refuses ads with circular references).
+
+    We ask classad2 rather than ``name in ad``: that converts the value to Python, and
+    converting a nested ad flips classad2's process-wide semantics (see above).
+    """
+    try:
+        refs = ad.externalRefs(_names_list(names))
+    except (ClassAdException, ValueError):
+        return frozenset(name.lower() for name in names if not _defines(ad, name)), None
+    if refs == _NO_REFS:
+        return _NO_NAMES, []  # the usual answer: all defined, nothing further
+    listed = _lower_set(names)
+    missing = frozenset(low for low in (ref.lower() for ref in refs) if low in listed)
+    if not missing:
+        return missing, refs
+    # A listed name the ad lacks may also be referred to further down; ask again about the
+    # defined ones alone so that such references are not mistaken for the listed name.
+    defined = tuple(name for name in names if name.lower() not in missing)
+    if not defined:
+        return missing, []
+    try:
+        return missing, [ref for ref in ad.externalRefs(_names_list(defined)) if ref]
+    except (ClassAdException, ValueError):
+        return missing, None
+
+
+@functools.lru_cache(maxsize=4096)
+def _lower_set(names: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(name.lower() for name in names)
+
+
+_TARGET_ONLY: Final = ("TARGET",)
+
+
+def _variant(scan: _Scan, ad: ClassAd, missing: frozenset[str]) -> _Variant:
+    """The expression as ``ad`` evaluates it, given the probe names ``ad`` lacks."""
+    falls = frozenset(low for low in scan.site_names if low in missing) if missing else _NO_NAMES
+    # TARGET.x means the other ad only if the ad has no attribute of its own named TARGET.
+    target_free = bool(falls) and bool(_lookup_refs(ad, _TARGET_ONLY)[0])
+    key = (falls, target_free)
+    variant = scan.variants.get(key)
+    if variant is None:
+        rewritten = _with_target_prefix(scan, falls) if falls and target_free and scan.ok else None
+        own = tuple(name for low, name in scan.probe.items() if low not in missing)
+        other = scan.other
+        if rewritten is not None:
+            other = other + tuple(scan.site_names[low] for low in sorted(falls))
+        variant = _Variant(rewritten, own, tuple(sorted(set(other))))
+        scan.variants[key] = variant
+    return variant
+
+
+def _may_fall_through(refs: list[str] | None, side: int, pending: tuple[set[str], set[str]]) -> bool:
+    """Sort classad2's reference names found in the ad of ``side``: MY.x and TARGET.x go to
+    ``pending`` (x is looked at next, in that ad); True if one is an unscoped name the ad
+    lacks (an expression of that ad may need rewriting), a form we do not know, or if
+    classad2 could not list them."""
+    if refs is None:
+        return True
+    for ref in refs:
+        head, dot, rest = ref.partition(".")
+        scope = head.strip("'").lower()
+        if not dot:
+            if scope in _NEVER_FALL_THROUGH:
+                continue
+            return True
+        member = rest.partition(".")[0].partition("[")[0]
+        if scope in _OWN_SCOPES:
+            if member:
+                pending[side].add(member)
+        elif scope in _OTHER_SCOPES:
+            if member:
+                pending[1 - side].add(member)
+        elif scope in _MATCH_AD_NAMES:
+            continue
+        else:
+            return True  # "a.b" with a missing, "(x).y", ...: let the exact walk decide
+    return False
+
+
+Install = tuple[ClassAd, str, ExprTree, ExprTree]
+
+
+def _prepare(expr: ExprTree, scan: _Scan, my: ClassAd, target: ClassAd) -> tuple[ExprTree, list[Install]]:
+    """What to evaluate for ``expr`` with MY = my and TARGET = target under the scope rule:
+    the (possibly rewritten) expression, and attributes of either ad that must be replaced by
+    rewritten versions while it is evaluated.
+
+    Attributes are looked at in batches, one classad2 call per batch: externalRefs follows an
+    ad's own unscoped references in C++, so an empty or clean answer settles a whole batch
+    and everything below it.  In the usual case that is two calls (the job's own names, the
+    slot's names the job refers to).  Only a batch whose answer shows an unscoped name its ad
+    lacks is looked at attribute by attribute (_expand).
+    """
+    if scan.probe_names:
+        missing, refs = _lookup_refs(my, scan.probe_names)
+    else:
+        missing, refs = _NO_NAMES, []
+    variant = _variant(scan, my, missing)
+    top = expr if variant.expr is None else variant.expr
+    ads = (my, target)
+    installs: list[Install] = []
+    # Names to look at next per side (0: my, 1: target), and names already looked at.
+    pending: tuple[set[str], set[str]] = (set(), set(variant.other))
+    seen: tuple[set[str], set[str]] = ({name.lower() for name in variant.own}, set())
+    if _may_fall_through(refs, 0, pending):
+        _expand(ads, 0, variant.own, pending, installs)
+    while pending[0] or pending[1]:
+        side = 1 if pending[1] else 0
+        names = tuple(sorted(name for name in pending[side] if name.lower() not in seen[side]))
+        pending[side].clear()
+        if not names:
+            continue
+        seen[side].update(name.lower() for name in names)
+        missing, refs = _lookup_refs(ads[side], names)
+        if _may_fall_through(refs, side, pending):
+            _expand(ads, side, tuple(name for name in names if name.lower() not in missing), pending, installs)
+    return top, installs
+
+
+def _expand(ads: tuple[ClassAd, ClassAd], side: int, names: Iterable[str], pending: tuple[set[str], set[str]],
+            installs: list[Install]) -> None:
+    """Look at attributes ``names`` of ``ads[side]`` one by one: note those that evaluate
+    rewritten, and queue what each refers to."""
+    ad = ads[side]
+    for name in names:
+        try:
+            expr = ad.lookup(name)
+        except KeyError:
+            continue
+        scan = _scan(expr)
+        missing = _lookup_refs(ad, scan.probe_names)[0] if scan.probe_names else _NO_NAMES
+        sub = _variant(scan, ad, missing)
+        if sub.expr is not None:
+            installs.append((ad, name, expr, sub.expr))
+        pending[side].update(sub.own)
+        pending[1 - side].update(sub.other)
+
+
+def _eval_match(expr: ExprTree, my: ClassAd | None, target: ClassAd | None, scan: _Scan | None = None) -> object:
+    """classad2's value of ``expr`` with MY = my and TARGET = target, with HTCondor's scope rule."""
+    if my is None or target is None or target is my:
+        return _eval(expr, my, target)  # no partner to fall through to
+    if scan is None:
+        scan = _scan(expr)
+    try:
+        top, installs = _prepare(expr, scan, my, target)
+    except (ClassAdException, UnicodeDecodeError, SystemError, ValueError):
+        # classad2 could not list an ad's references (e.g. an undecodable name): evaluate
+        # as it is, which is what classad2 alone would do.
+        return _eval(expr, my, target)
+    if not installs:
+        return _eval(top, my, target)
+    done: list[Install] = []
+    try:
+        for install in installs:  # one thread at a time (module docstring): nobody sees these
+            ad, name, _original, rewritten = install
+            ad[name] = rewritten
+            done.append(install)
+        return _eval(top, my, target)
+    finally:
+        for ad, name, original, _rewritten in reversed(done):
+            ad[name] = original
+
+
+def references(expr: ExprTree) -> frozenset[str]:
+    """The attributes ``expr`` refers to, as classad2 finds them: ``"MY.Name"``, ``"TARGET.Name"``
+    and unscoped ``"Name"`` (which in matchmaking means the ad's own attribute if it has one,
+    else the other ad's).  Names keep their spelling; only the first attribute of a chain is
+    given (``TARGET.a.b`` gives ``"TARGET.a"``).  ``"MY"`` or ``"TARGET"`` alone means any
+    attribute of that ad may matter: a bare ``MY["x"]``, ``parent``, names built by eval(), or a
+    reference classad2 describes in a form we do not take apart.
+    """
+    text = repr(expr)
+    cached = _REFERENCES.get(text)
+    if cached is not None:
+        return cached
+    found: set[str] = set()
+    raw = _raw_refs(expr)
+    if raw is None:
+        raw = set()
+        found.update(("MY", "TARGET"))  # classad2 cannot say: anything may matter
+    for ref in raw:
+        head, dot, rest = ref.partition(".")
+        scope = head.strip("'").lower()
+        member = rest.partition(".")[0].partition("[")[0]
+        if head.startswith("(") or "[" in head:
+            found.update(("MY", "TARGET"))  # "(x).y", "x[i].y": reaches into values
+        elif scope == "my":
+            found.add("MY." + member if member else "MY")
+        elif scope == "target":
+            found.add("TARGET." + member if member else "TARGET")
+        elif scope == "parent":
+            found.update(("MY", "TARGET"))
+        else:
+            found.add(head.strip("'") if head.startswith("'") else head)
+    if _scan(expr, text).dynamic:
+        found.update(("MY", "TARGET"))  # eval() and friends: references made at run time
+    result = frozenset(found)
+    if len(_REFERENCES) >= _SCANS_MAX:
+        _REFERENCES.clear()
+    _REFERENCES[text] = result
+    return result
+
+
+_REFERENCES: dict[str, frozenset[str]] = {}
+
+
+def conjuncts(expr: ExprTree) -> list[ExprTree]:
+    """The top-level ``&&`` clauses of ``expr`` (one clause if it is not a conjunction), each
+    parsed by classad2; parenthesised conjunctions are split too, so HTCondor's
+    ``(A) && (B && C)`` gives A, B and C.  The split is made on classad2's printed text at
+    ``&&`` tokens outside brackets, strings and quoted names, and only where no ``||`` or
+    ``?:`` binds more loosely; if any piece does not parse back, ``[expr]`` is returned."""
+    pieces = _split_and(repr(expr))
+    if len(pieces) == 1:
+        return [expr]
+    try:
+        return [parse_expr(piece) for piece in pieces]
+    except ClassAdError:
+        return [expr]
+
+
+def _split_and(text: str) -> list[str]:
+    text = text.strip(_WS)
+    tokens = _tokens(text)
+    depth = 0
+    cuts: list[_Token] = []
+    for token in tokens:
+        if token.kind != "op":
+            continue
+        if token.text in "([{":
+            depth += 1
+        elif token.text in ")]}":
+            depth -= 1
+        elif depth == 0:
+            if token.text == "&&":
+                cuts.append(token)
+            elif token.text in ("||", "?", "?:"):
+                return _unwrap(text, tokens)  # && binds tighter: the top is not a conjunction
+    if not cuts:
+        return _unwrap(text, tokens)
+    pieces: list[str] = []
+    start = 0
+    for cut in cuts:
+        pieces.extend(_split_and(text[start:cut.start]))
+        start = cut.end
+    pieces.extend(_split_and(text[start:]))
+    return pieces
+
+
+def _unwrap(text: str, tokens: list[_Token]) -> list[str]:
+    """``(X)`` split as X if X is a conjunction; anything else is one clause."""
+    if len(tokens) >= 2 and tokens[0].text == "(" and tokens[-1].text == ")":
+        depth = 0
+        for token in tokens[:-1]:
+            if token.kind == "op" and token.text in "([{":
+                depth += 1
+            elif token.kind == "op" and token.text in ")]}":
+                depth -= 1
+                if depth == 0:
+                    return [text]  # the first '(' closes before the end: "(a) + (b)"
+        inner = _split_and(text[tokens[0].end:tokens[-1].start])
+        if len(inner) > 1:
+            return inner
+    return [text]
+
+
+# ---------------------------------------------------------------------------------------------
 # Evaluation and matching
 # ---------------------------------------------------------------------------------------------
 
@@ -905,19 +1480,25 @@ class Constraint:
     No text (None, or only white space) matches every ad.  Otherwise the result is true only if
     the expression evaluates, with MY = the ad (and TARGET = ``target`` if given), to true or
     to a nonzero number, as condor_q -constraint and condor_status -constraint count it.
-    UNDEFINED, ERROR and other values are false.
+    UNDEFINED, ERROR and other values are false.  With a target, unscoped names the ad lacks
+    are looked up in the target, as in HTCondor's matchmaking.
     """
 
-    __slots__ = ("text", "expr")
+    __slots__ = ("text", "expr", "_scan")
 
     def __init__(self, text: str | None, expr: ExprTree | None) -> None:
         self.text = text
         self.expr = expr
+        self._scan: _Scan | None = None  # the matchmaking scan of expr, made on first use
 
     def matches(self, ad: ClassAd, target: ClassAd | None = None) -> bool:
         if self.expr is None:
             return True
-        return _is_true(_eval(self.expr, ad, target))
+        if target is None:
+            return _is_true(_eval(self.expr, ad, None))
+        if self._scan is None:
+            self._scan = _scan(self.expr)  # printed once here, not at every evaluation
+        return _is_true(_eval_match(self.expr, ad, target, self._scan))
 
     __call__ = matches
 
@@ -945,36 +1526,43 @@ def compile_constraint(text: str | None) -> Constraint:
     return _compile_cached(text)
 
 
-def evaluate_constraint(constraint: ExprTree | str | Constraint | None, ad: ClassAd) -> bool:
-    """Whether ``ad`` satisfies ``constraint`` (see :class:`Constraint` for what counts as true).
+def evaluate_constraint(constraint: ExprTree | str | Constraint | None, ad: ClassAd,
+                        target: ClassAd | None = None) -> bool:
+    """Whether ``ad`` satisfies ``constraint`` (see :class:`Constraint` for what counts as true),
+    with TARGET = ``target`` if given (and then HTCondor's matchmaking scope rule: an unscoped
+    name ``ad`` lacks is looked up in ``target``).
 
     A string is compiled (and cached); an unparsable one raises :class:`ClassAdError` rather than
     quietly matching nothing.
     """
     if isinstance(constraint, Constraint):
-        return constraint.matches(ad)
+        return constraint.matches(ad, target)
     if isinstance(constraint, ExprTree):
-        return _is_true(_eval(constraint, ad, None))
-    return compile_constraint(constraint).matches(ad)
+        return _is_true(_eval_match(constraint, ad, target))
+    return compile_constraint(constraint).matches(ad, target)
 
 
-def _requirements_met(ad: ClassAd, other: ClassAd) -> bool:
+def requirements_met(ad: ClassAd, other: ClassAd, attribute: str = "Requirements") -> bool:
+    """Whether ``ad``'s expression ``attribute`` (Requirements, or e.g. a slot's START) holds
+    with MY = ad and TARGET = other, under the matchmaking scope rule.  A missing attribute
+    counts as true: no conditions on the other side."""
     try:
-        requirements = ad.lookup("Requirements")
+        expr = ad.lookup(attribute)
     except KeyError:
-        return True  # no Requirements: no conditions on the other side
-    return _is_true(_eval(requirements, ad, other))
+        return True
+    return _is_true(_eval_match(expr, ad, other))
 
 
 def symmetric_match(a: ClassAd, b: ClassAd) -> bool:
     """Matchmaking: ``a``'s Requirements hold with MY = a and TARGET = b, and ``b``'s hold the
-    other way round.  A missing Requirements counts as true (classad2's own symmetricMatch
-    counts it as false); UNDEFINED and ERROR count as false."""
-    return _requirements_met(a, b) and _requirements_met(b, a)
+    other way round.  As in HTCondor, an unscoped name an ad lacks (``Memory >= 1024`` in a
+    job) is looked up in the other ad; ``MY.name`` never is.  A missing Requirements counts as
+    true (classad2's own symmetricMatch counts it as false); UNDEFINED and ERROR count as false."""
+    return requirements_met(a, b) and requirements_met(b, a)
 
 
 def rank(a: ClassAd, b: ClassAd) -> float:
-    """``a``'s Rank evaluated with MY = a and TARGET = b, as a float.
+    """``a``'s Rank evaluated with MY = a and TARGET = b (and the scope rule), as a float.
 
     A boolean counts as 1.0/0.0, as HTCondor's EvalFloat does (``Rank = Owner == "x"`` is common).
     A missing Rank, UNDEFINED, ERROR, NaN and any other non-number give 0.0.
@@ -983,7 +1571,7 @@ def rank(a: ClassAd, b: ClassAd) -> float:
         expr = a.lookup("Rank")
     except KeyError:
         return 0.0
-    value = _eval(expr, a, b)
+    value = _eval_match(expr, a, b)
     kind = type(value)
     if kind is bool or kind is int or kind is float:
         result = float(value)  # type: ignore[arg-type]
@@ -1019,7 +1607,8 @@ def without(ad: ClassAd, attributes: Iterable[str]) -> ClassAd:
 
 
 def evaluate(ad: ClassAd, attribute: str, target: ClassAd | None = None) -> object:
-    """The value of ``attribute`` with MY = ad (and TARGET = ``target``), expressions evaluated.
+    """The value of ``attribute`` with MY = ad (and TARGET = ``target``, with the matchmaking
+    scope rule), expressions evaluated.
 
     Missing or UNDEFINED gives None; ERROR gives :data:`ERROR` (false, prints as "error").
     Other values are classad2's: bool, int, float, str, list, ClassAd, datetime.
@@ -1028,7 +1617,7 @@ def evaluate(ad: ClassAd, attribute: str, target: ClassAd | None = None) -> obje
         expr = ad.lookup(attribute)
     except KeyError:
         return None
-    value = _eval(expr, ad, target)
+    value = _eval_match(expr, ad, target)
     if isinstance(value, Value):
         return None if value is Value.Undefined else ERROR
     return value

@@ -127,8 +127,9 @@ class MemoryNetwork:
         moved = False
         for _ in range(rounds):
             # A pump may open new connections (a handler that calls another daemon): iterate
-            # over a copy and pick the new ones up in the next round.
-            if not any([p.pump() for p in list(self.pumps)]):
+            # over a copy and pick the new ones up in the next round. A list, not a generator:
+            # any() would stop at the first pump that moved something and starve the others.
+            if not any([p.pump() for p in list(self.pumps)]):  # noqa: C419
                 break
             moved = True
         self.pumps = [p for p in self.pumps if not (p.clientIO.disconnected and p.serverIO.disconnected)]

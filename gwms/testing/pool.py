@@ -24,8 +24,9 @@ import dataclasses
 import json
 import os
 from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Self, TypeVar
 from unittest import mock
 
 from twisted.internet import defer
@@ -142,7 +143,8 @@ class _MemorySchedd(Schedd):
     """A Schedd whose job owners are the pool's users, each backed by the current UNIX account.
 
     Workaround: Schedd looks owners up with ``userfiles.Account.named`` (the password database)
-    in ``submit`` and ``account_of``. Proposed instead: a Schedd ``accounts`` argument."""
+    in its command handlers and in ``account_of``. Proposed instead: a Schedd ``accounts``
+    argument that both use."""
 
     def __init__(self, *args: Any, accounts: Callable[[str], userfiles.Account], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -153,10 +155,17 @@ class _MemorySchedd(Schedd):
             return super().account_of(job)
         return self._accounts(str(job.get("Owner", "")))
 
-    def submit(self, request: Any) -> classads.ClassAd:
-        # submit() is synchronous, so the replacement is in place for exactly this one call.
-        with mock.patch.object(userfiles.Account, "named", staticmethod(self._accounts)):
-            return super().submit(request)
+    def commands(self) -> list[Command]:
+        return [dataclasses.replace(c, handler=self._with_pool_accounts(c.handler)) for c in super().commands()]
+
+    def _with_pool_accounts(self, handler: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        def handle(request: Any) -> Any:
+            # Handlers look accounts up synchronously, before any Deferred they return: the
+            # replacement is in place for exactly those lookups, and nowhere else.
+            with mock.patch.object(userfiles.Account, "named", staticmethod(self._accounts)):
+                return handler(request)
+
+        return handle
 
 
 def _toml(value: Any) -> str:
@@ -479,7 +488,7 @@ class MemoryPool:
         self.queue.close()
         self.negotiator.priorities.save()
 
-    def __enter__(self) -> "MemoryPool":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

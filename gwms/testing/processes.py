@@ -30,7 +30,7 @@ from twisted.internet.defer import Deferred, succeed
 from gwms import classads
 from gwms.startd.process import JobResult, Usage
 
-__all__ = ["FakeJobProcess", "fake_output_content", "FAKE_PEAK_RSS_KB"]
+__all__ = ["FAKE_PEAK_RSS_KB", "FakeJobProcess", "fake_output_content"]
 
 # Above Linux's largest pid_max (2**22): a fake pid can never name a real process, so nothing
 # that gets hold of one can signal somebody else's process by mistake.

@@ -12,9 +12,10 @@ import importlib.util
 import json
 import re
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import pytest
 from twisted.internet.testing import MemoryReactorClock
@@ -43,7 +44,7 @@ start_daemon = _integration.start_daemon
 gwms_cli = _integration.gwms_cli
 if str(INTEGRATION) not in sys.path:
     sys.path.insert(0, str(INTEGRATION))
-from pool import start_pool  # noqa: E402  (tests/integration/pool.py, found through sys.path)
+from pool import start_pool  # tests/integration/pool.py, through the sys.path entry above
 
 # Where the memory pools' clocks start: any plausible date, so that event logs and QDate look real.
 EPOCH = 1_700_000_000
@@ -117,7 +118,7 @@ class RealDriver:
     """Real daemons, and the ``gwms`` command line as their one user (fs authentication over
     the schedd's UNIX socket: every job belongs to the UNIX user running the tests)."""
 
-    VERBS = {"remove": ("rm", "marked for removal"), "hold": ("hold", "held"), "release": ("release", "released")}
+    VERBS: ClassVar[dict[str, tuple[str, str]]] = {"remove": ("rm", "marked for removal"), "hold": ("hold", "held"), "release": ("release", "released")}
 
     def __init__(self, pool: Any, workdir: Path, cli: Callable[..., Any]) -> None:
         self.pool = pool
@@ -168,9 +169,9 @@ class RealDriver:
         self._check_user(user)
         command, verb = self.VERBS[action]
         result = self._run(command, *job_ids, *(["--reason", reason] if reason else []))
-        done = re.findall(rf"^Job (\S+) {verb}$", result.stdout, re.M)
-        refused = re.findall(r"^Job (\S+): permission denied", result.stderr, re.M)
-        missing = re.findall(r"^Job (\S+): not found", result.stderr, re.M)
+        done = re.findall(rf"^Job (\S+) {verb}$", result.stdout, re.MULTILINE)
+        refused = re.findall(r"^Job (\S+): permission denied", result.stderr, re.MULTILINE)
+        missing = re.findall(r"^Job (\S+): not found", result.stderr, re.MULTILINE)
         return ActResult(done, refused, missing)
 
     def wait_until(self, predicate: Callable[[], T], timeout: float, what: str) -> T:

@@ -94,6 +94,18 @@ def test_jobs_go_over_the_network_with_authorization(pool):
     assert ("schedd", "mallory", "NEW_CLUSTER", "WRITE", False, "'mallory' is not listed for WRITE") in pool.audit
 
 
+def test_a_partitionable_slot_is_carved_into_one_dynamic_slot_per_job(clock, tmp_path):
+    with MemoryPool(clock, tmp_path / "p", slots=4, partitionable=True) as pool:
+        cluster = pool.submit("bob", "executable = /bin/true\ntransfer_executable = false\nrequest_memory = 100\n"
+                                     "+FakeRunTime = 50\nqueue 4\n")
+        dynamic = pool.run_until(lambda: [s for s in pool.startd.slots.values() if s.slot_type == "Dynamic"]
+                                 if len(pool.startd.slots) == 5 else None, 60, "four dynamic slots")
+        assert sorted((s.name, s.cpus, s.memory) for s in dynamic) == \
+            [(f"slot1_{i}@wn1.memory", 1, 100) for i in range(1, 5)]
+        pool.run_until(lambda: not pool.query(f"ClusterId == {cluster}"), 120, "the jobs to complete")
+        assert sorted(j["RemoteHost"] for j in pool.history()) == [f"slot1_{i}@wn1.memory" for i in range(1, 5)]
+
+
 def test_run_until_says_what_it_waited_for_and_where_the_pool_is(pool):
     cluster = pool.submit("bob", ONE_JOB.replace("queue", "requirements = false\nqueue"))
     with pytest.raises(PoolTimeout) as e:
