@@ -1090,6 +1090,10 @@ def _scan_text(text: str) -> _Scan:
     for table in (nested, own):
         for low, name in table.items():
             probe.setdefault(low, name)
+    if sites and "target" not in probe:
+        # Whether the ad has an attribute of its own named TARGET decides if a "TARGET."
+        # prefix would reach the other ad: ask in the same classad2 call.
+        probe["target"] = "TARGET"
     scan.probe = probe
     scan.probe_names = tuple(sorted(probe.values()))
     return scan
@@ -1194,6 +1198,8 @@ def _lookup_refs(ad: ClassAd, names: tuple[str, ...]) -> tuple[frozenset[str], l
     missing = frozenset(low for low in (ref.lower() for ref in refs) if low in listed)
     if not missing:
         return missing, refs
+    if missing <= _NEVER_FALL_THROUGH:
+        return missing, refs  # e.g. TARGET: deeper references to it do not matter either
     # A listed name the ad lacks may also be referred to further down; ask again about the
     # defined ones alone so that such references are not mistaken for the listed name.
     defined = tuple(name for name in names if name.lower() not in missing)
@@ -1210,24 +1216,26 @@ def _lower_set(names: tuple[str, ...]) -> frozenset[str]:
     return frozenset(name.lower() for name in names)
 
 
-_TARGET_ONLY: Final = ("TARGET",)
-
-
 def _variant(scan: _Scan, ad: ClassAd, missing: frozenset[str]) -> _Variant:
     """The expression as ``ad`` evaluates it, given the probe names ``ad`` lacks."""
-    falls = frozenset(low for low in scan.site_names if low in missing) if missing else _NO_NAMES
-    # TARGET.x means the other ad only if the ad has no attribute of its own named TARGET.
-    target_free = bool(falls) and bool(_lookup_refs(ad, _TARGET_ONLY)[0])
-    key = (falls, target_free)
+    if not missing:
+        key: tuple[frozenset[str], bool] = (_NO_NAMES, False)
+    else:
+        falls = frozenset(low for low in scan.site_names if low in missing)
+        # TARGET.x means the other ad only if the ad has no attribute of its own named TARGET
+        # (the probe asks about TARGET whenever there are sites: see _scan_text).
+        key = (falls, bool(falls) and "target" in missing)
     variant = scan.variants.get(key)
-    if variant is None:
-        rewritten = _with_target_prefix(scan, falls) if falls and target_free and scan.ok else None
-        own = tuple(name for low, name in scan.probe.items() if low not in missing)
-        other = scan.other
-        if rewritten is not None:
-            other = other + tuple(scan.site_names[low] for low in sorted(falls))
-        variant = _Variant(rewritten, own, tuple(sorted(set(other))))
-        scan.variants[key] = variant
+    if variant is not None:
+        return variant
+    falls, target_free = key
+    rewritten = _with_target_prefix(scan, falls) if falls and target_free and scan.ok else None
+    own = tuple(name for low, name in scan.probe.items() if low not in missing and low != "target")
+    other = scan.other
+    if rewritten is not None:
+        other = other + tuple(scan.site_names[low] for low in sorted(falls))
+    variant = _Variant(rewritten, own, tuple(sorted(set(other))))
+    scan.variants[key] = variant
     return variant
 
 
@@ -1279,6 +1287,10 @@ def _prepare(expr: ExprTree, scan: _Scan, my: ClassAd, target: ClassAd) -> tuple
         missing, refs = _NO_NAMES, []
     variant = _variant(scan, my, missing)
     top = expr if variant.expr is None else variant.expr
+    if refs == []:
+        # Fast path: nothing further down on my side; one batch of the target's names.
+        if not variant.other or _lookup_refs(target, variant.other)[1] == []:
+            return top, []
     ads = (my, target)
     installs: list[Install] = []
     # Names to look at next per side (0: my, 1: target), and names already looked at.

@@ -31,10 +31,10 @@ def _ad(**values: Any) -> classads.ClassAd:
 
 
 class ScheddClient:
-    def __init__(self, reactor: Any, address: Address, security: ClientSecurity) -> None:
+    def __init__(self, reactor: Any, address: Address, security: ClientSecurity, connector: Any = None) -> None:
         self.reactor = reactor
         self.address = address
-        self.client = DaemonClient(reactor, address, security)
+        self.client = DaemonClient(reactor, address, security, connector=connector)
 
     @defer.inlineCallbacks
     def submit_file(self, path: Path, iwd: Path | None = None) -> Any:

@@ -9,7 +9,6 @@ are short and a collector that just failed is tried last), so a dead collector n
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -214,12 +213,13 @@ class CollectorList:
                  connector: Connector | None = None) -> None:
         if not addresses:
             raise ValueError("no collectors configured")
+        self.reactor = reactor
         self.clients = [DaemonClient(reactor, a, security, limits, connect_timeout, connector) for a in addresses]
         self.retry_after = retry_after
         self._failed_at: dict[int, float] = {}
 
     def _order(self) -> list[int]:
-        now = time.monotonic()
+        now = self.reactor.seconds()
         fresh = [i for i in range(len(self.clients)) if now - self._failed_at.get(i, -1e18) > self.retry_after]
         stale = sorted((i for i in range(len(self.clients)) if i not in fresh),
                        key=lambda i: self._failed_at[i])
@@ -243,7 +243,7 @@ class CollectorList:
             try:
                 result = yield client.call(command, ad, level, stream=True)
             except ConnectionFailed as e:
-                self._failed_at[i] = time.monotonic()
+                self._failed_at[i] = self.reactor.seconds()
                 errors.append(f"{client.address}: {e}")
                 continue
             self._failed_at.pop(i, None)

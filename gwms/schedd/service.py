@@ -44,9 +44,11 @@ def _ad(**values: Any) -> classads.ClassAd:
 
 class Schedd:
     def __init__(self, reactor: Any, config: HostConfig, queue: JobQueue, connector: Any = None,
-                 security: Any = None) -> None:
+                 security: Any = None, accounts: Any = None) -> None:
         settings = config.section("schedd")
         self.connector = connector
+        # user name -> userfiles.Account; in-memory pools map their fake users to this account
+        self.accounts = accounts or userfiles.Account.named
         self.reactor = reactor
         self.config = config
         self.settings = settings
@@ -77,7 +79,7 @@ class Schedd:
         return user
 
     def account_of(self, job: classads.ClassAd | None) -> userfiles.Account:
-        return userfiles.Account.named(str(job.get("Owner", ""))) if job is not None else userfiles.Account("nobody", 65534, 65534)
+        return self.accounts(str(job.get("Owner", ""))) if job is not None else userfiles.Account("nobody", 65534, 65534)
 
     # -- durability: one commit per reactor turn -----------------------------------------------
     def commit_soon(self) -> None:
@@ -115,7 +117,7 @@ class Schedd:
     # -- submission -----------------------------------------------------------------------------
     def new_cluster(self, request: Request) -> classads.ClassAd:
         try:
-            userfiles.Account.named(self.user_of(request))
+            self.accounts(self.user_of(request))
         except userfiles.UserFileError as e:
             raise CommandError("PERMISSION_DENIED", str(e)) from None
         cluster = self.queue.new_cluster()
@@ -127,7 +129,7 @@ class Schedd:
         may come in several frames; only the Final one queues them, all at once, durably."""
         user = self.user_of(request)
         try:
-            account = userfiles.Account.named(user)
+            account = self.accounts(user)
         except userfiles.UserFileError as e:
             raise CommandError("PERMISSION_DENIED", str(e)) from None
         ad = request.ad
@@ -279,7 +281,7 @@ class Schedd:
             return False
         shadow = self.shadows.get(job_id)
         if shadow is not None:
-            shadow.kill_request = (target, reason, code, subcode)
+            shadow.request_kill(target, reason, code, subcode)
             return True  # the shadow kills the job and records the change (finish_kill)
         self.finish_kill(job_id, target, reason, code, subcode)
         return True

@@ -50,7 +50,15 @@ class Shadow:
         self.claim = claim
         self.job_id = job_id
         self.kill_request: tuple[int, str, int, int] | None = None  # (status to set, reason, code, subcode)
+        self.started = False  # the current job was started on the claim
         self.reconnecting = False
+
+    def request_kill(self, status: int, reason: str, code: int = 1, subcode: int = 0) -> None:
+        """Hold or remove the running job now: the kill goes out at once (the long-poll then
+        answers with the job's end and ``follow`` records the hold or removal)."""
+        self.kill_request = (status, reason, code, subcode)
+        if self.started:
+            self.call("KILL_JOB", _with(Grace=0)).addErrback(lambda f: None)
 
     @property
     def name(self) -> str:
@@ -75,7 +83,7 @@ class Shadow:
             finally:
                 self.schedd.shadows.pop(self.job_id, None)
             if not keep:
-                return
+                break
             self.job_id = self.schedd.next_job_for(self.claim)
         try:
             yield self.call("RELEASE_CLAIM", classads.ClassAd())
@@ -87,6 +95,7 @@ class Shadow:
         """One job on the claim. Fires True if the claim may take another job."""
         schedd, queue = self.schedd, self.schedd.queue
         job = queue.job(self.job_id)
+        self.started = False
         if job is None or queue.get(self.job_id, "JobStatus") != IDLE:
             return True
         account = schedd.account_of(job)
@@ -114,6 +123,7 @@ class Shadow:
         except ConnectionFailed as e:
             schedd.requeue(self.job_id, f"lost the startd before the job started: {e}")
             return False
+        self.started = True
         starts = (queue.get(self.job_id, "NumJobStarts") or 0) + 1
         values = {"NumJobStarts": starts, "JobRunCount": starts}
         if not queue.get(self.job_id, "JobStartDate"):
@@ -210,6 +220,8 @@ class Shadow:
                     *self.job_id, t, self.claim.slot_name, f"<{self.claim.startd_address}>",
                     f"<{self.claim.startd_address}>"))
             self._record_usage(status)
+            if self.kill_request is not None:
+                return (yield self._kill())
             if status.get("Evicted", False):
                 schedd.requeue(self.job_id, str(status.get("Reason", "evicted")), usage=status)
                 return False
@@ -238,7 +250,8 @@ class Shadow:
         except (CommandError, ConnectionFailed) as e:
             log.info("kill of {job} on {slot}: {error}", job=self.name, slot=self.claim.slot_name, error=str(e))
         self.schedd.finish_kill(self.job_id, status, reason, code, subcode)
-        return False
+        self.kill_request = None
+        return True  # the claim was deactivated cleanly: it may run the user's next job
 
     # -- output sandbox and completion -----------------------------------------------------------
     @defer.inlineCallbacks

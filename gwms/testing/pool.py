@@ -27,7 +27,6 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Self, TypeVar
-from unittest import mock
 
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
@@ -41,7 +40,7 @@ from gwms.config import HostConfig, parse_config
 from gwms.daemon import collectors
 from gwms.negotiator.service import Negotiator
 from gwms.plugins.identity import NoIdentitySwitch
-from gwms.protocols.client import Address, CollectorList, DaemonClient, query_ads
+from gwms.protocols.client import Address, CollectorList, query_ads
 from gwms.protocols.messages import Command, CommandError, ConnectionFailed, Limits, MessageServerFactory
 from gwms.schedd.queue import JobQueue
 from gwms.schedd.service import Schedd
@@ -139,35 +138,6 @@ class _RecordingAuditor(Auditor):
                              decision.allowed, decision.rule))
 
 
-class _MemorySchedd(Schedd):
-    """A Schedd whose job owners are the pool's users, each backed by the current UNIX account.
-
-    Workaround: Schedd looks owners up with ``userfiles.Account.named`` (the password database)
-    in its command handlers and in ``account_of``. Proposed instead: a Schedd ``accounts``
-    argument that both use."""
-
-    def __init__(self, *args: Any, accounts: Callable[[str], userfiles.Account], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._accounts = accounts
-
-    def account_of(self, job: classads.ClassAd | None) -> userfiles.Account:
-        if job is None:
-            return super().account_of(job)
-        return self._accounts(str(job.get("Owner", "")))
-
-    def commands(self) -> list[Command]:
-        return [dataclasses.replace(c, handler=self._with_pool_accounts(c.handler)) for c in super().commands()]
-
-    def _with_pool_accounts(self, handler: Callable[[Any], Any]) -> Callable[[Any], Any]:
-        def handle(request: Any) -> Any:
-            # Handlers look accounts up synchronously, before any Deferred they return: the
-            # replacement is in place for exactly those lookups, and nowhere else.
-            with mock.patch.object(userfiles.Account, "named", staticmethod(self._accounts)):
-                return handler(request)
-
-        return handle
-
-
 def _toml(value: Any) -> str:
     # JSON strings, numbers, booleans and lists of strings are valid TOML.
     return json.dumps(str(value) if isinstance(value, Path) else value)
@@ -261,7 +231,7 @@ class MemoryPool:
         spool = Path(settings["spool"])
         spool.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.queue = JobQueue(spool / "job_queue.db", clock=self.clock.seconds)
-        self.schedd = _MemorySchedd(self.clock, self.config, self.queue, connector=self.network.connector,
+        self.schedd = Schedd(self.clock, self.config, self.queue, connector=self.network.connector,
                                     security=memory_client_security(self.config, "schedd"), accounts=self._account)
         self.schedd.address = SCHEDD_ADDRESS
         self.schedd.poke_negotiator = self._poke_negotiator
@@ -404,10 +374,7 @@ class MemoryPool:
         client = self._user_clients.get(user)
         if client is None:
             client = ScheddClient(self.clock, Address.parse(SCHEDD_ADDRESS),
-                                  memory_client_security(self.config, user))
-            # Workaround: ScheddClient takes no connector (proposed: a ``connector`` argument).
-            client.client = DaemonClient(self.clock, client.address, client.client.security,
-                                         connector=self.network.connector)
+                                  memory_client_security(self.config, user), connector=self.network.connector)
             self._user_clients[user] = client
         return client
 

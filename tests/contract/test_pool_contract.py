@@ -130,12 +130,6 @@ def test_hold_a_running_job_release_it_and_it_completes_remove_an_idle_one(make_
     assert htcondor2.JobEventType.JOB_ABORTED in kinds
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "schedd: (1) Schedd._act only sets Shadow.kill_request, which Shadow.follow reads when its "
-    "WAIT_JOB long poll returns, up to 20 s later (and never, if the job exits first: it then "
-    "completes although the hold was acknowledged); (2) after killing a job the shadow neither "
-    "reuses nor releases its claim, so on one slot a released job waits for the startd's "
-    "idle_claim_timeout (600 s)"))
 def test_a_hold_reaches_a_running_job_at_once(make_pool):
     driver = make_pool(slots=1)
     user = driver.users[0]
