@@ -92,6 +92,7 @@ def main() -> None:
         return wait_for_file(work / f"{name}.address", procs[role], 30, work / f"{name}.log")
 
     options = dict(slots=args.slots, cpus=args.slots, negotiator_interval=5, periodic_interval=300)
+    (work / "grid-mapfile").write_text("")
     first = write_config(work / "collector.toml", creds, work, "127.0.0.1:9618", "127.0.0.1:0", **options)
     collector = start("collector", first)
     config = write_config(work / "pool.toml", creds, work, collector, collector, **options)

@@ -54,9 +54,13 @@ def creds(tmp_path_factory) -> Credentials:
 
 
 class Daemon:
-    """A ``twistd -n gwms-<role>`` child process; ``address`` once it listens."""
+    """A ``twistd -n gwms-<role>`` child process; ``address`` once it listens. Every instance
+    is recorded, so that the fixture stops restarted daemons too."""
+
+    started: list["Daemon"] = []
 
     def __init__(self, role: str, config: Path, workdir: Path, address_name: str | None = None) -> None:
+        Daemon.started.append(self)
         self.role = role
         self.config = config
         self.workdir = workdir
@@ -102,16 +106,15 @@ class Daemon:
 
 @pytest.fixture
 def start_daemon():
-    started: list[Daemon] = []
+    before = len(Daemon.started)
 
     def start(role: str, config: Path, workdir: Path, address_name: str | None = None) -> Daemon:
-        d = Daemon(role, config, workdir, address_name)
-        started.append(d)
-        return d
+        return Daemon(role, config, workdir, address_name)
 
     yield start
-    for d in started:
+    for d in Daemon.started[before:]:
         d.stop()
+    del Daemon.started[before:]
 
 
 def run_gwms(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
