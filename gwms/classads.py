@@ -1178,6 +1178,8 @@ def _with_target_prefix(scan: _Scan, names: frozenset[str]) -> ExprTree | None:
 
 _NO_NAMES: Final = frozenset[str]()
 _NO_REFS: Final = [""]  # what classad2's externalRefs returns when there are none
+_ONLY_TARGET: Final = ["TARGET"]
+_TARGET_MISSING: Final = frozenset({"target"})
 
 
 def _lookup_refs(ad: ClassAd, names: tuple[str, ...]) -> tuple[frozenset[str], list[str] | None]:
@@ -1194,6 +1196,8 @@ def _lookup_refs(ad: ClassAd, names: tuple[str, ...]) -> tuple[frozenset[str], l
         return frozenset(name.lower() for name in names if not _defines(ad, name)), None
     if refs == _NO_REFS:
         return _NO_NAMES, []  # the usual answer: all defined, nothing further
+    if refs == _ONLY_TARGET:
+        return _TARGET_MISSING, []  # the same, for a probe that asks about TARGET too
     listed = _lower_set(names)
     missing = frozenset(low for low in (ref.lower() for ref in refs) if low in listed)
     if not missing:

@@ -30,6 +30,11 @@ if TYPE_CHECKING:
 log = Logger()
 
 
+# The startd kills a job whose lease ran out at its next housekeeping pass; the shadow gives
+# the job up only this much later, so that the job is never running twice at once.
+LEASE_MARGIN = 30.0
+
+
 class JobProblem(Exception):
     """Something about the job itself (a missing input file, an unwritable output): hold it."""
 
@@ -201,7 +206,7 @@ class Shadow:
                 if not disconnected:
                     disconnected = True
                     self._event_disconnected(str(e))
-                if schedd.reactor.seconds() - last_contact > lease:
+                if schedd.reactor.seconds() - last_contact > lease + LEASE_MARGIN:
                     schedd.event_for(self.job_id, lambda t: eventlog.reconnect_failed_event(
                         *self.job_id, t, "the job lease expired", self.claim.slot_name))
                     schedd.requeue(self.job_id, "the job lease expired while disconnected", evicted=False)

@@ -34,6 +34,10 @@ from gwms.protocols.transfer import TransferError, decode_chunk, encode_chunk
 
 log = Logger()
 
+# Seconds between checks for idle claims and expired job leases (the schedd's shadows allow
+# for several of these before they give a job up: gwms.schedd.shadow.LEASE_MARGIN).
+HOUSEKEEPING_INTERVAL = 5.0
+
 
 def _new_claim_id() -> str:
     return f"{secrets.token_hex(8)}#{secrets.token_hex(32)}"
@@ -512,7 +516,7 @@ class StartdService(service.MultiService):
     def _listening(self, _: Any) -> None:
         self.startd.address = str(self.listener.address)
         self._updates.start(self.update_interval, now=True)
-        self._housekeeping.start(5.0, now=False)
+        self._housekeeping.start(HOUSEKEEPING_INTERVAL, now=False)
 
     def advertise(self, slot: Slot) -> None:
         if not self.startd.address:

@@ -201,3 +201,48 @@ def test_fake_job_checks_its_arguments_as_the_real_one(clock, tmp_path):
     job = _fake(clock, tmp_path)
     with pytest.raises(RuntimeError):
         job.kill()
+
+
+def test_a_lost_connection_to_the_starter_leaves_the_job_running_while_the_shadow_reconnects(clock, tmp_path):
+    from gwms.testing.pool import STARTD_ADDRESS
+
+    with MemoryPool(clock, tmp_path, slots=1) as pool:
+        cluster = pool.submit("alice", ONE_JOB.replace("+FakeRunTime = 30", "+FakeRunTime = 120"))
+        job = f"{cluster}.0"
+        pool.run_until(lambda: pool.status(job) == 2, 120, "the job to run")
+        # The network between the schedd and the startd breaks for 60 s: refused, and every open
+        # connection dropped. The job keeps running on the startd all along.
+        factory = pool.network.listeners[STARTD_ADDRESS]
+        pool.network.unlisten(STARTD_ADDRESS)
+        pool.network.close_all()
+        pool.advance(60)
+        assert pool.status(job) == 2
+        process = next(c.starter.process for c in pool.startd.claims.values() if c.starter is not None)
+        assert not process.finished.called
+        pool.network.listen(STARTD_ADDRESS, factory)
+        pool.run_until(lambda: pool.status(job) == 4, 300, "the job to complete after the reconnect")
+        [done] = pool.history(f"ClusterId == {cluster}")
+        assert done["JobStatus"] == 4 and done["NumJobStarts"] == 1 and done["ExitCode"] == 7
+        kinds = [e.type for e in htcondor2.JobEventLog(str(pool.iwds[cluster] / "job.log")).events(stop_after=0)]
+        assert htcondor2.JobEventType.JOB_DISCONNECTED in kinds and htcondor2.JobEventType.JOB_RECONNECTED in kinds
+        assert kinds.count(htcondor2.JobEventType.EXECUTE) == 1
+
+
+def test_a_job_whose_lease_expires_goes_back_to_idle_and_never_runs_twice_at_once(clock, tmp_path):
+    from gwms.testing.pool import STARTD_ADDRESS
+
+    with MemoryPool(clock, tmp_path, slots=1) as pool:
+        text = ONE_JOB.replace("+FakeRunTime = 30", "+FakeRunTime = 3000").replace(
+            "queue", "job_lease_duration = 100\nqueue")
+        cluster = pool.submit("alice", text)
+        job = f"{cluster}.0"
+        pool.run_until(lambda: pool.status(job) == 2, 120, "the job to run")
+        factory = pool.network.listeners[STARTD_ADDRESS]
+        pool.network.unlisten(STARTD_ADDRESS)
+        pool.network.close_all()
+        pool.run_until(lambda: pool.status(job) == 1, 400, "the lease to expire and the job to be idle")
+        # By then the startd, which heard from no shadow for the lease, has killed its copy.
+        assert not any(c.starter is not None and c.starter.running for c in pool.startd.claims.values())
+        kinds = [e.type for e in htcondor2.JobEventLog(str(pool.iwds[cluster] / "job.log")).events(stop_after=0)]
+        assert htcondor2.JobEventType.JOB_RECONNECT_FAILED in kinds
+        pool.network.listen(STARTD_ADDRESS, factory)
