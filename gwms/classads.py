@@ -1159,20 +1159,25 @@ def _with_target_prefix(scan: _Scan, names: frozenset[str]) -> ExprTree | None:
     if repr(new) != new_text:
         return None  # classad2 read our text as something else
     # classad2's own view of the references (it lists each name once, ignoring case): every
-    # rewritten name now appears as TARGET.name (or TARGET.name.more for a chain), and no
-    # other reference was added.
+    # rewritten name now appears as TARGET.name (TARGET.name.more for a chain), and every new
+    # reference is an old one with TARGET. inserted: nothing else changed.
     raw_before, raw_after = _raw_refs(parse_expr(text)), _raw_refs(new)
     if raw_before is None or raw_after is None:
         return None
     before = {ref.lower() for ref in raw_before}
     after = {ref.lower() for ref in raw_after}
-    if any(not ref.startswith("target.") for ref in after - before):
+    if any(_TARGET_PREFIX_RE.sub("", ref) not in before for ref in after - before):
         return None
     for low in names:
-        prefix = "target." + low
-        if not any(ref == prefix or ref.startswith((prefix + ".", prefix + "[")) for ref in after):
+        inserted = re.compile(_TARGET_PREFIX_RE.pattern + re.escape(low) + r"(?![A-Za-z0-9_])")
+        if not any(inserted.search(ref) for ref in after):
             return None
     return new
+
+
+# "target." where a reference starts in classad2's names for references ("target.memory",
+# "(target.memory).x"), not inside a longer name ("mytarget.x").
+_TARGET_PREFIX_RE = re.compile(r"(?<![A-Za-z0-9_.'])target\.")
 
 
 
@@ -1182,7 +1187,7 @@ _ONLY_TARGET: Final = ["TARGET"]
 _TARGET_MISSING: Final = frozenset({"target"})
 
 
-def _lookup_refs(ad: ClassAd, names: tuple[str, ...]) -> tuple[frozenset[str], list[str] | None]:
+def _lookup_refs(ad: ClassAd, names: tuple[str, ...], deeper: bool = True) -> tuple[frozenset[str], list[str] | None]:
     """Which of ``names`` ``ad`` lacks (lower case), and the references classad2 finds by
     following the ones it has through ``ad`` (its externalRefs: unscoped ones transitively);
     None for those if classad2 cannot tell (it refuses ads with circular references).
@@ -1202,7 +1207,7 @@ def _lookup_refs(ad: ClassAd, names: tuple[str, ...]) -> tuple[frozenset[str], l
     missing = frozenset(low for low in (ref.lower() for ref in refs) if low in listed)
     if not missing:
         return missing, refs
-    if missing <= _NEVER_FALL_THROUGH:
+    if missing <= _NEVER_FALL_THROUGH or not deeper:
         return missing, refs  # e.g. TARGET: deeper references to it do not matter either
     # A listed name the ad lacks may also be referred to further down; ask again about the
     # defined ones alone so that such references are not mistaken for the listed name.
@@ -1243,6 +1248,34 @@ def _variant(scan: _Scan, ad: ClassAd, missing: frozenset[str]) -> _Variant:
     return variant
 
 
+# How _may_fall_through takes one of classad2's reference names (cached: the same few recur).
+_IGNORE, _UNSCOPED, _OWN, _OTHER, _UNKNOWN = range(5)
+_REF_KINDS: dict[str, tuple[int, str]] = {}
+
+
+def _ref_kind(ref: str) -> tuple[int, str]:
+    kind = _REF_KINDS.get(ref)
+    if kind is not None:
+        return kind
+    head, dot, rest = ref.partition(".")
+    scope = head.strip("'").lower()
+    member = rest.partition(".")[0].partition("[")[0]
+    if not dot:
+        kind = (_IGNORE, "") if scope in _NEVER_FALL_THROUGH else (_UNSCOPED, scope)
+    elif scope in _OWN_SCOPES:
+        kind = (_OWN, member) if member else (_IGNORE, "")
+    elif scope in _OTHER_SCOPES:
+        kind = (_OTHER, member) if member else (_IGNORE, "")
+    elif scope in _MATCH_AD_NAMES:
+        kind = (_IGNORE, "")
+    else:
+        kind = (_UNKNOWN, "")  # "a.b" with a missing, "(x).y", ...: let the exact walk decide
+    if len(_REF_KINDS) >= _SCANS_MAX:
+        _REF_KINDS.clear()
+    _REF_KINDS[ref] = kind
+    return kind
+
+
 def _may_fall_through(refs: list[str] | None, side: int, pending: tuple[set[str], set[str]]) -> bool:
     """Sort classad2's reference names found in the ad of ``side``: MY.x and TARGET.x go to
     ``pending`` (x is looked at next, in that ad); True if one is an unscoped name the ad
@@ -1251,23 +1284,13 @@ def _may_fall_through(refs: list[str] | None, side: int, pending: tuple[set[str]
     if refs is None:
         return True
     for ref in refs:
-        head, dot, rest = ref.partition(".")
-        scope = head.strip("'").lower()
-        if not dot:
-            if scope in _NEVER_FALL_THROUGH:
-                continue
+        kind, member = _ref_kind(ref)
+        if kind == _OWN:
+            pending[side].add(member)
+        elif kind == _OTHER:
+            pending[1 - side].add(member)
+        elif kind != _IGNORE:
             return True
-        member = rest.partition(".")[0].partition("[")[0]
-        if scope in _OWN_SCOPES:
-            if member:
-                pending[side].add(member)
-        elif scope in _OTHER_SCOPES:
-            if member:
-                pending[1 - side].add(member)
-        elif scope in _MATCH_AD_NAMES:
-            continue
-        else:
-            return True  # "a.b" with a missing, "(x).y", ...: let the exact walk decide
     return False
 
 
@@ -1291,17 +1314,18 @@ def _prepare(expr: ExprTree, scan: _Scan, my: ClassAd, target: ClassAd) -> tuple
         missing, refs = _NO_NAMES, []
     variant = _variant(scan, my, missing)
     top = expr if variant.expr is None else variant.expr
-    if refs == []:
-        # Fast path: nothing further down on my side; one batch of the target's names.
-        if not variant.other or _lookup_refs(target, variant.other)[1] == []:
-            return top, []
     ads = (my, target)
     installs: list[Install] = []
     # Names to look at next per side (0: my, 1: target), and names already looked at.
-    pending: tuple[set[str], set[str]] = (set(), set(variant.other))
+    pending: tuple[set[str], set[str]] = (set(), set())
     seen: tuple[set[str], set[str]] = ({name.lower() for name in variant.own}, set())
     if _may_fall_through(refs, 0, pending):
         _expand(ads, 0, variant.own, pending, installs)
+    if variant.other:
+        seen[1].update(name.lower() for name in variant.other)
+        missing, refs = _lookup_refs(target, variant.other)
+        if _may_fall_through(refs, 1, pending):
+            _expand(ads, 1, tuple(name for name in variant.other if name.lower() not in missing), pending, installs)
     while pending[0] or pending[1]:
         side = 1 if pending[1] else 0
         names = tuple(sorted(name for name in pending[side] if name.lower() not in seen[side]))
@@ -1326,7 +1350,7 @@ def _expand(ads: tuple[ClassAd, ClassAd], side: int, names: Iterable[str], pendi
         except KeyError:
             continue
         scan = _scan(expr)
-        missing = _lookup_refs(ad, scan.probe_names)[0] if scan.probe_names else _NO_NAMES
+        missing = _lookup_refs(ad, scan.probe_names, deeper=False)[0] if scan.probe_names else _NO_NAMES
         sub = _variant(scan, ad, missing)
         if sub.expr is not None:
             installs.append((ad, name, expr, sub.expr))
@@ -1408,7 +1432,8 @@ def conjuncts(expr: ExprTree) -> list[ExprTree]:
     parsed by classad2; parenthesised conjunctions are split too, so HTCondor's
     ``(A) && (B && C)`` gives A, B and C.  The split is made on classad2's printed text at
     ``&&`` tokens outside brackets, strings and quoted names, and only where no ``||`` or
-    ``?:`` binds more loosely; if any piece does not parse back, ``[expr]`` is returned."""
+    ``?:`` binds more loosely; redundant parentheses around a clause are dropped.  If any piece
+    does not parse back, ``[expr]`` is returned."""
     pieces = _split_and(repr(expr))
     if len(pieces) == 1:
         return [expr]
@@ -1457,9 +1482,9 @@ def _unwrap(text: str, tokens: list[_Token]) -> list[str]:
                 depth -= 1
                 if depth == 0:
                     return [text]  # the first '(' closes before the end: "(a) + (b)"
-        inner = _split_and(text[tokens[0].end:tokens[-1].start])
-        if len(inner) > 1:
-            return inner
+        # The parentheses are redundant around a whole clause: HTCondor's condor_submit writes
+        # (TARGET.Arch == "X86_64") && ..., and the clause is TARGET.Arch == "X86_64".
+        return _split_and(text[tokens[0].end:tokens[-1].start])
     return [text]
 
 

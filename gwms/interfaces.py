@@ -48,11 +48,13 @@ class IAuthorizer(Interface):
 
 
 class IIdentitySwitch(Interface):
-    """Starts a job's processes under the right UNIX identity (the seed's gLExec role).
+    """Decides under which UNIX identity a job's processes run (the seed's gLExec role).
 
     The stock ``none`` plugin runs jobs as the startd's own user; the credentials issue adds
-    ``setuid`` and ``glexec``. The starter calls ``spawn`` once per job and then tracks and kills
-    the whole process tree itself."""
+    ``setuid`` and ``glexec``. A switch starts no process itself: the startd's launcher (one
+    small long-lived process per startd, ``gwms.startd.launcher``) forks every job in a new
+    session that the starter tracks, kills and accounts for, and applies there what ``launch``
+    returned: a switch cannot take a job out of the starter's sight."""
 
     name = Attribute("The name written in configuration, e.g. 'none'.")
 
@@ -60,7 +62,10 @@ class IIdentitySwitch(Interface):
         """Make ``sandbox`` (a Path the starter created) usable by the job's identity; return
         the JobIdentity (uid, gid, user name) the job will run as."""
 
-    def spawn(reactor, protocol, job, argv, env, sandbox, stdin, stdout, stderr):
-        """Start the job: ``argv`` with environment ``env`` in ``sandbox``, stdin/stdout/stderr
-        redirected from/to the given paths (stdin may be None for /dev/null). ``protocol`` is a
-        ProcessProtocol. Returns the IProcessTransport."""
+    def launch(job, argv, env, sandbox):
+        """How to start the job: ``argv`` with environment ``env`` in ``sandbox`` (a Path).
+        Returns a ``gwms.plugins.identity.LaunchSpec``: the argv and environment to exec (the
+        job's, possibly behind a wrapper command of the switch's), and the uid, gid and
+        supplementary groups the launcher switches to in the job's child process before it
+        enters the sandbox, opens the job's stdin/stdout/stderr and execs (None: keep the
+        launcher's). Called once per job, in the startd, on the reactor: must not block."""

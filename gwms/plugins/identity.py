@@ -1,14 +1,15 @@
 """Identity-switch plugins: under which UNIX identity a job's processes run.
 
 Only the stock ``none`` plugin lives here for now (the credentials issue adds ``setuid`` and
-``glexec``). Whatever the identity, the job must start as the leader of a new session, so that
-the starter can tell the job's processes from its own and signal their process groups."""
+``glexec``). A switch does not start processes itself: the startd's launcher
+(``gwms.startd.launcher``) forks every job, in a new session it tracks, and does in the child
+what the switch's ``LaunchSpec`` says (setgroups/setgid/setuid, or a wrapper command in front of
+the job's) before it opens the job's files and execs it."""
 
 from __future__ import annotations
 
 import os
 import pwd
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,43 +18,6 @@ from typing import Any
 from zope.interface import implementer
 
 from gwms.interfaces import IIdentitySwitch
-
-# Run by the spawned process in place of the job: start a new session, undo the signal
-# dispositions a Python interpreter sets up for itself (it ignores SIGPIPE and SIGXFSZ, and an
-# ignored signal stays ignored across exec: a job would then see EPIPE instead of dying in
-# `producer | head`), then become the job. Exit codes follow the shells: 127 not found, 126
-# not executable. `-I -S` keeps the job's PYTHON* variables and site-packages from changing
-# how this one-liner runs.
-_SETSID_EXEC = """\
-import os, signal, sys
-os.setsid()
-for s in range(1, signal.NSIG):
-    if s not in (signal.SIGKILL, signal.SIGSTOP):
-        try:
-            signal.signal(s, signal.SIG_DFL)
-        except (OSError, ValueError):
-            pass
-signal.pthread_sigmask(signal.SIG_SETMASK, ())
-try:
-    os.execvpe(sys.argv[1], sys.argv[1:], os.environ)
-except OSError as e:
-    os.write(2, ("gwms: cannot execute %r: %s\\n" % (sys.argv[1], e.strerror or e)).encode())
-    os._exit(127 if isinstance(e, FileNotFoundError) else 126)
-"""
-
-
-def setsid_argv(argv: list[str]) -> list[str]:
-    """``argv`` run as the leader of a new session (for identity switches that exec the job
-    directly).
-
-    Why Python and not util-linux ``setsid``: the interpreter running the startd is there on
-    every worker node a glidein lands on, ``setsid(1)`` may not be (minimal containers,
-    non-Linux-distribution images), and ``setsid(1)`` *forks* when its caller already leads a
-    process group, so the pid the starter holds would exit at once and the job would run on
-    unwatched. This one-liner never forks: the spawned pid is the job's session id."""
-    if not argv:
-        raise ValueError("a job needs a command: argv is empty")
-    return [sys.executable, "-I", "-S", "-c", _SETSID_EXEC, *argv]
 
 
 @dataclass(frozen=True)
@@ -66,31 +30,28 @@ class JobIdentity:
     groups: tuple[int, ...] = ()
 
 
-def open_job_stdio(stdin: Path | None, stdout: Path, stderr: Path) -> tuple[int, int, int]:
-    """Open the job's standard files: stdin (or /dev/null) for reading, stdout and stderr
-    created/truncated with mode 0600. The caller owns (and must close) the descriptors.
+@dataclass(frozen=True)
+class LaunchSpec:
+    """What the startd's launcher does for one job between fork and exec, as an identity switch
+    decides it (``IIdentitySwitch.launch``). In the job's child process, in this order: a new
+    process group (the launcher's wrapper is the session leader), ``setgroups(groups)``,
+    ``setgid(gid)``, ``setuid(uid)`` (each only if not None: None keeps the launcher's), chdir to
+    the sandbox, stdin/stdout/stderr opened there *as the new identity* (outputs with
+    O_NOFOLLOW, mode 0600), signals back to their defaults, ``execvpe(argv[0], argv, env)``.
 
-    stdout and stderr naming the same file share one descriptor: two separate opens would each
-    have their own offset and the two streams would overwrite each other. Output files are
-    opened with O_NOFOLLOW so that a symlink planted in the sandbox (by an input transfer)
-    cannot make the startd truncate a file elsewhere."""
-    opened: list[int] = []
-    try:
-        fd_in = os.open(stdin if stdin is not None else os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        opened.append(fd_in)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd_out = os.open(stdout, flags, 0o600)
-        opened.append(fd_out)
-        if os.path.abspath(stderr) == os.path.abspath(stdout):
-            fd_err = fd_out
-        else:
-            fd_err = os.open(stderr, flags, 0o600)
-            opened.append(fd_err)
-        return fd_in, fd_out, fd_err
-    except BaseException:
-        for fd in opened:
-            os.close(fd)
-        raise
+    ``argv`` may put a wrapper of the switch's own in front of the job's command (a gLExec-like
+    tool that switches identity itself, with uid/gid left None). The starter adds
+    ``GWMS_JOB_MARKER`` to ``env`` whatever the switch returns."""
+
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    uid: int | None = None
+    gid: int | None = None
+    groups: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.argv:
+            raise ValueError("a job needs a command: argv is empty")
 
 
 @implementer(IIdentitySwitch)
@@ -114,15 +75,6 @@ class NoIdentitySwitch:
             user = str(uid)
         return JobIdentity(uid=uid, gid=gid, user=user, groups=tuple(sorted(set(os.getgroups()))))
 
-    def spawn(self, reactor: Any, protocol: Any, job: Any, argv: list[str], env: Mapping[str, str],
-              sandbox: Path, stdin: Path | None, stdout: Path, stderr: Path) -> Any:
-        wrapped = setsid_argv(list(argv))
-        fd_in, fd_out, fd_err = open_job_stdio(stdin, stdout, stderr)
-        try:
-            return reactor.spawnProcess(protocol, wrapped[0], wrapped, env=dict(env), path=str(sandbox),
-                                        childFDs={0: fd_in, 1: fd_out, 2: fd_err}, usePTY=False)
-        finally:
-            # The child has its own copies now (or there is no child): ours would only keep the
-            # files open for as long as the startd lives.
-            for fd in {fd_in, fd_out, fd_err}:
-                os.close(fd)
+    def launch(self, job: Any, argv: list[str], env: Mapping[str, str], sandbox: Path) -> LaunchSpec:
+        # Nothing to switch: the launcher runs as the startd's user already.
+        return LaunchSpec(argv=tuple(argv), env=dict(env))

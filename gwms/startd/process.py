@@ -2,38 +2,47 @@
 
 How a job runs::
 
-    startd (subreaper) --spawn via IIdentitySwitch--> wrapper (session leader, subreaper)
-                                                          `--fork/exec--> job (own process group)
-                                                                            `--> ... descendants
+    startd (subreaper) ==pipe== launcher (child subreaper, one per startd, gwms.startd.launcher)
+                                    `--fork--> wrapper (session leader, child subreaper)
+                                                  `--fork, identity switch, exec--> job (own group)
+                                                                                      `--> ...
 
-The *wrapper* is a few lines of Python of our own (``_WRAPPER``) that the identity switch starts
-in place of the job. It forks and execs the job, waits for it with ``wait4`` and writes what it
-saw as JSON lines into a FIFO whose read end the starter holds:
+The startd never forks for a job. ``Launcher`` (below) keeps one small launcher process per
+startd, started the first time a job starts and again whenever it has died; JobProcess sends it
+one request per job (argv, environment, sandbox, standard files, and what the identity-switch
+plugin's ``launch`` said: uid, gid, groups) and gets back, as JSON lines:
 
-- ``start``: the job's pid, or why exec failed;
-- ``exit``: the job's wait status and rusage when the main process ends;
-- ``done``: ``RUSAGE_CHILDREN`` once the wrapper has no children left.
+- ``start``: the wrapper's pid (the job's session id) and the job's pid, or why exec failed;
+- ``exit``: the job's wait status and exact rusage when its main process ends, and whether any
+  process of the job is left (``done``: none is; ``leftovers``: some are);
+- ``done`` (after ``leftovers``): ``RUSAGE_CHILDREN`` once the wrapper has no children left;
+- ``lost``: the wrapper ended without reporting (it was killed).
 
-Why a wrapper: Twisted reaps the processes it spawns and gives no rusage, and
-``getrusage(RUSAGE_CHILDREN)`` in the startd mixes every job it ever ran. The wrapper is a child
-subreaper, so a job's daemonized descendants (double fork, setsid) are reparented to *it*, stay
-visible as its descendants, and their CPU time joins its ``RUSAGE_CHILDREN`` when they are killed
-and reaped. The wrapper stays alive after the job's main process exits until the starter has
-killed every leftover. So CPU times are exact for everything that was reaped by the wrapper,
-and ``peak_rss_kb`` is at least the largest single process's high-water mark.
+Why a wrapper per job, forked by the launcher rather than a new interpreter: it is a child
+subreaper, so a job's daemonized descendants (double fork, setsid, scrubbed environment) are
+reparented to *it*, and "nothing of the job is left" is "the wrapper has no children", known
+without looking at /proc. Its ``wait4`` gives exact CPU times for everything it reaped and the
+largest single process's peak RSS.
 
-What is sampled: every ``sample_interval`` the starter walks /proc for the job's processes
-(descendants of the wrapper, members of its session, holders of ``GWMS_JOB_MARKER=<marker>``)
-and records each one's CPU time and the RSS summed over the tree. That gives ``usage()`` while
-the job runs, the peak RSS of the whole tree (sampled: a short spike between samples is missed),
-and a lower bound for processes the wrapper cannot reap (a marker holder that is no descendant,
-or everything if the wrapper was killed). The final figures take, field by field, the larger of
-the exact report and the samples: a job that forges its report cannot come out below what was
-seen.
+So a job that leaves nothing behind costs the startd two short records and no /proc scan. Only
+when the wrapper reports leftovers, when ``kill`` is called, or when the wrapper or the launcher
+is lost, does the starter walk /proc for the job's processes (descendants of the wrapper,
+members of its session, holders of ``GWMS_JOB_MARKER=<marker>``, processes seen before) and
+SIGKILL them, with pidfds and start-time checks so that a reused pid is never hit; the wrapper
+reaps them and then reports ``done``.
 
-The job's environment gets ``GWMS_JOB_MARKER=<marker>``; a process that scrubs its environment
-and escapes the tree (only possible if the wrapper dies) is out of reach, as it is for HTCondor
-without cgroups.
+What is sampled: every ``sample_interval`` (the first time one interval after the start, so a
+short job is never sampled) the starter reads the job's processes below the wrapper through
+``/proc/<pid>/task/<tid>/children`` (no full /proc walk), recording each one's CPU time and the
+RSS summed over the tree. That gives ``usage()`` while the job runs and the peak RSS of the
+whole tree (sampled: a short spike between samples is missed). The final figures take, field
+by field, the larger of the exact report and the samples: a job that forges its report cannot
+come out below what was seen.
+
+Limits: a process that escapes the wrapper's tree (only possible if the wrapper dies) is found
+by its marker, and only when something is being killed; one that also scrubs its environment is
+out of reach, as it is for HTCondor without cgroups. If the launcher dies, every job it had is
+killed and reported with ``JobResult.failure`` set; the next job starts a new launcher.
 """
 
 from __future__ import annotations
@@ -42,28 +51,25 @@ import ctypes
 import errno
 import json
 import os
-import secrets
 import signal
 import stat
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 __all__ = [
     "MARKER_VARIABLE",
     "JobProcess",
     "JobResult",
+    "Launcher",
     "Usage",
     "become_subreaper",
     "find_processes",
@@ -73,10 +79,13 @@ __all__ = [
 
 MARKER_VARIABLE = "GWMS_JOB_MARKER"
 PR_SET_CHILD_SUBREAPER = 36
+LAUNCHER_SCRIPT = Path(__file__).with_name("launcher.py")
 
 _log = Logger()
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _PAGE_KB = (os.sysconf("SC_PAGE_SIZE") // 1024) if hasattr(os, "sysconf") else 4
+# /proc/<pid>/task/<tid>/children needs CONFIG_PROC_CHILDREN; without it, sampling walks /proc.
+_HAVE_CHILDREN = os.path.exists(f"/proc/self/task/{os.getpid()}/children")
 
 
 def become_subreaper() -> bool:
@@ -107,13 +116,17 @@ class Usage:
 @dataclass(frozen=True)
 class JobResult:
     """How a job ended. Exactly one of exit_code / exit_signal is set. ``exec_error`` says why
-    the command could not be started at all (exit_code is then 127 or 126, as in a shell)."""
+    the command could not be started at all (exit_code is then 127 or 126, as in a shell).
+    ``failure`` is set when the starter lost track of the job (its wrapper or the launcher was
+    killed before reporting the exit): the job was then killed, and exit_code / exit_signal
+    are the wrapper's own status, or SIGKILL if even that is unknown."""
 
     exit_code: int | None
     exit_signal: int | None
     usage: Usage
     leftover_processes_killed: int
     exec_error: str | None = None
+    failure: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,6 +239,37 @@ def find_processes(marker: str, root_pids: Iterable[int] = (), *, sessions: Iter
     return set(_job_tree(_proc_table(), marker, root_pids, sessions))
 
 
+def _tree_below(root: int) -> dict[int, _Proc]:
+    """The live descendants of ``root`` (not ``root`` itself), found through the kernel's
+    per-thread children lists: a few small reads for one job instead of a walk over every
+    process on the machine. A snapshot, as any /proc view: a process forked meanwhile may be
+    missed until the next look."""
+    found: dict[int, _Proc] = {}
+    stack = [root]
+    while stack:
+        pid = stack.pop()
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue  # gone meanwhile
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                    children = f.read().split()
+            except OSError:
+                continue
+            for child in children:
+                child_pid = int(child)
+                if child_pid in found:
+                    continue
+                proc = _read_stat(child_pid)
+                if proc is not None and proc.ppid == pid:
+                    stack.append(child_pid)
+                    if proc.alive:
+                        found[child_pid] = proc
+    return found
+
+
 def _signal(proc: _Proc, sig: int) -> bool:
     """Send ``sig`` to ``proc`` only if that pid is still the process we saw: pid numbers are
     reused, and a pidfd pins the process so the check and the kill cannot race."""
@@ -264,183 +308,163 @@ def _twisted_owned_pids() -> set[int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The wrapper (runs as the job's identity, in the sandbox, with the job's stdio and environment)
-
-_WRAPPER = r"""
-import ctypes, json, os, resource, signal, sys
-
-report_path, argv = sys.argv[1], sys.argv[2:]
-# The starter already holds the read end, so this neither blocks nor fails; unlinking at once
-# keeps the channel out of the job's sandbox.
-out = os.open(report_path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-try:
-    os.unlink(report_path)
-except OSError:
-    pass
+# The launcher, seen from the startd
 
 
-def send(**record):
-    try:
-        os.write(out, (json.dumps(record) + "\n").encode())
-    except OSError:
-        pass  # the starter is gone: nobody left to tell
+class _LauncherProtocol(ProcessProtocol):
+    """One launcher process: requests to its stdin, records from its stdout, its stderr to
+    the log."""
 
+    max_line = 1 << 20  # a record longer than this is not one of ours
 
-def ru(r):
-    return [r.ru_utime, r.ru_stime, r.ru_maxrss]
-
-
-if os.getsid(0) != os.getpid():  # the identity switch should have done it
-    try:
-        os.setsid()
-    except OSError:
-        pass
-try:
-    libc = ctypes.CDLL(None, use_errno=True)
-    subreaper = libc.prctl(ctypes.c_int(36), ctypes.c_ulong(1), ctypes.c_ulong(0),
-                           ctypes.c_ulong(0), ctypes.c_ulong(0)) == 0
-except Exception:
-    subreaper = False
-
-SYNC = {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGCONT, signal.SIGSEGV, signal.SIGBUS,
-        signal.SIGFPE, signal.SIGILL, signal.SIGABRT, signal.SIGSYS, signal.SIGTRAP}
-# The job may signal its session or us; the wrapper must live to report.
-for s in range(1, signal.NSIG):
-    if s not in SYNC:
-        try:
-            signal.signal(s, signal.SIG_IGN)
-        except (OSError, ValueError):
-            pass
-
-r, w = os.pipe2(os.O_CLOEXEC)  # closed by a successful exec: EOF means the job is running
-pid = os.fork()
-if pid == 0:
-    try:
-        os.close(r)
-        os.setpgid(0, 0)  # its own group: `kill 0` in a job script must not hit the wrapper
-        for s in range(1, signal.NSIG):
-            if s not in (signal.SIGKILL, signal.SIGSTOP):
-                try:
-                    signal.signal(s, signal.SIG_DFL)
-                except (OSError, ValueError):
-                    pass
-        signal.pthread_sigmask(signal.SIG_SETMASK, ())
-        os.execvpe(argv[0], argv, os.environ)
-    except BaseException as e:
-        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
-        message = "cannot execute %r: %s" % (argv[0] if argv else "", reason)
-        try:
-            os.write(w, message.encode())
-            os.write(2, ("gwms: " + message + "\n").encode())
-        finally:
-            os._exit(127 if isinstance(e, FileNotFoundError) else 126)
-os.close(w)
-try:
-    os.setpgid(pid, pid)  # also here, so that it holds before the starter can signal the group
-except OSError:
-    pass
-error = b""
-while True:
-    chunk = os.read(r, 4096)
-    if not chunk:
-        break
-    error += chunk
-os.close(r)
-send(event="start", pid=pid, subreaper=subreaper, exec_error=error.decode("utf-8", "replace") or None)
-
-main = None
-while True:
-    try:
-        done, status, usage = os.wait4(-1, 0)
-    except ChildProcessError:
-        break
-    if done == pid:
-        main = status
-        send(event="exit", status=status, main=ru(usage),
-             children=ru(resource.getrusage(resource.RUSAGE_CHILDREN)))
-send(event="done", children=ru(resource.getrusage(resource.RUSAGE_CHILDREN)))
-os.close(out)
-if main is not None and os.WIFSIGNALED(main):
-    sig = os.WTERMSIG(main)
-    # Die the same death (the starter reads the report; this is for anyone else watching),
-    # without dumping a core of the wrapper.
-    try:
-        resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
-        if sig not in (signal.SIGKILL, signal.SIGSTOP):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
-        os.kill(os.getpid(), sig)
-    except (OSError, ValueError):
-        pass
-    os._exit(128 + sig)
-os._exit(os.waitstatus_to_exitcode(main) if main is not None else 255)
-"""
-
-
-@implementer(IReadDescriptor)
-class _ReportReader:
-    """Reads the wrapper's JSON lines from the FIFO on the reactor."""
-
-    max_buffer = 1 << 20  # a line longer than this is not one of ours
-
-    def __init__(self, reactor: Any, fd: int, on_record: Callable[[dict], None]) -> None:
-        self._reactor = reactor
-        self._fd = fd
-        self._on_record = on_record
+    def __init__(self, owner: Launcher) -> None:
+        self.owner = owner
+        self.jobs: dict[int, JobProcess] = {}
+        self.exited = False
         self._buffer = b""
+        self._errors = b""
 
-    def fileno(self) -> int:
-        return self._fd
+    def send(self, request: dict) -> None:
+        self.transport.write(json.dumps(request, separators=(",", ":")).encode() + b"\n")
 
-    def logPrefix(self) -> str:
-        return "JobReport"
-
-    def doRead(self) -> None:
-        while self._fd >= 0:
+    def outReceived(self, data: bytes) -> None:
+        self._buffer += data
+        *lines, self._buffer = self._buffer.split(b"\n")
+        if len(self._buffer) > self.max_line:
+            _log.warn("launcher {pid}: dropping an overlong record", pid=self.transport.pid)
+            self._buffer = b""
+        for line in lines:
             try:
-                chunk = os.read(self._fd, 65536)
-            except BlockingIOError:
-                return
-            except OSError as e:
-                _log.warn("job report channel failed: {error}", error=e)
-                self.close()
-                return
-            if not chunk:
-                self.close()  # the wrapper (the only writer) has exited
-                return
-            self._buffer += chunk
-            *lines, self._buffer = self._buffer.split(b"\n")
-            if len(self._buffer) > self.max_buffer:
-                self._buffer = b""
-            for line in lines:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    _log.warn("ignoring a malformed job report line")
-                    continue
-                if isinstance(record, dict):
-                    self._on_record(record)
-        return
+                record = json.loads(line)
+            except ValueError:
+                _log.warn("launcher {pid}: ignoring a malformed record", pid=self.transport.pid)
+                continue
+            job = self.jobs.get(record.get("id")) if isinstance(record, dict) else None
+            if job is None:
+                continue  # a job that has finished (or was never ours)
+            try:
+                job._on_record(record)
+            except Exception:  # noqa: BLE001 - one job's bug must not stop the others' reports
+                _log.failure("job {marker}: handling {event!r} from the launcher failed",
+                             marker=job.marker, event=record.get("event"))
 
-    def connectionLost(self, reason: Failure) -> None:
-        self.close()
+    def errReceived(self, data: bytes) -> None:
+        # The launcher's own complaints (and a traceback if it crashes): to the startd's log.
+        self._errors += data
+        *lines, self._errors = self._errors.split(b"\n")
+        for line in lines:
+            _log.warn("launcher: {line}", line=line.decode("utf-8", "replace"))
 
-    def close(self) -> None:
-        if self._fd >= 0:
-            self._reactor.removeReader(self)
-            os.close(self._fd)
-            self._fd = -1
-
-
-class _WrapperProtocol(ProcessProtocol):
-    def __init__(self, owner: JobProcess) -> None:
-        self._owner = owner
-
-    def connectionMade(self) -> None:
-        self._owner._spawned(self.transport.pid)
+    def processExited(self, reason: Failure) -> None:
+        self.exited = True  # no new job goes to it; its last records may still be in the pipe
 
     def processEnded(self, reason: Failure) -> None:
-        self._owner._wrapper_ended(reason)
+        # Every pipe is closed and every record read: what its jobs did not hear now, they never will.
+        self.exited = True
+        if self._errors:
+            _log.warn("launcher: {line}", line=self._errors.decode("utf-8", "replace"))
+            self._errors = b""
+        self.owner._ended(self, reason)
+
+
+class Launcher:
+    """The startd's handle on its launcher process (``gwms.startd.launcher``): started the first
+    time a job is spawned, started again for the next job whenever it has died. A launcher's
+    death loses its running jobs: each is told (``_launcher_lost``), kills what is left of
+    itself and finishes with ``JobResult.failure`` set.
+
+    One per reactor is shared by default (``Launcher.shared``): the startd needs no more, and
+    each costs an interpreter."""
+
+    _shared: dict[int, tuple[Any, Launcher]] = {}
+
+    def __init__(self, reactor: Any, argv: list[str] | None = None) -> None:
+        self._reactor = reactor
+        self._argv = list(argv) if argv else [sys.executable, "-I", "-S", str(LAUNCHER_SCRIPT)]
+        self._protocol: _LauncherProtocol | None = None
+        self._alive: set[_LauncherProtocol] = set()  # started and not yet ended
+        self._next_id = 0
+        self.starts = 0  # how many launcher processes were started: 1 unless one died
+
+    @classmethod
+    def shared(cls, reactor: Any) -> Launcher:
+        entry = cls._shared.get(id(reactor))
+        if entry is None or entry[0] is not reactor:
+            entry = (reactor, cls(reactor))
+            cls._shared[id(reactor)] = entry
+        return entry[1]
+
+    @property
+    def pid(self) -> int | None:
+        """The current launcher process, if one is running."""
+        protocol = self._protocol
+        if protocol is None or protocol.exited or protocol.transport is None:
+            return None
+        return protocol.transport.pid
+
+    def spawn(self, job: JobProcess, request: Mapping[str, Any]) -> int:
+        """Ask the launcher to start ``job`` (``request``: argv, env, cwd, stdin, stdout, stderr,
+        uid, gid, groups); its records go to ``job._on_record``. Returns the job's id."""
+        protocol = self._running()
+        self._next_id += 1
+        job_id = self._next_id
+        protocol.jobs[job_id] = job
+        protocol.send({"op": "spawn", "id": job_id, **request})
+        return job_id
+
+    def kill_wrapper(self, job_id: int) -> None:
+        """SIGKILL the job's wrapper (the launcher does it: it alone knows whether that pid is
+        still the wrapper). Its end then comes as a ``lost`` record."""
+        for protocol in self._alive:
+            if job_id in protocol.jobs and not protocol.exited:
+                protocol.send({"op": "kill_wrapper", "id": job_id})
+
+    def forget(self, job_id: int) -> None:
+        for protocol in self._alive:
+            protocol.jobs.pop(job_id, None)
+
+    def stop(self) -> None:
+        """Close the launcher's input: it SIGKILLs what still runs and exits. The next spawn
+        starts a new one."""
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None and not protocol.exited:
+            protocol.transport.closeStdin()
+
+    def _running(self) -> _LauncherProtocol:
+        protocol = self._protocol
+        if protocol is not None and not protocol.exited:
+            return protocol
+        protocol = _LauncherProtocol(self)
+        # Only the locale: it decides how the launcher encodes paths, which must be as here. The
+        # jobs get their environment in each request; PYTHON* would be ignored anyway (-I).
+        env = {k: v for k, v in os.environ.items() if k in ("LANG", "LANGUAGE") or k.startswith("LC_")}
+        self._reactor.spawnProcess(protocol, self._argv[0], self._argv, env=env,
+                                   childFDs={0: "w", 1: "r", 2: "r"})
+        self._protocol = protocol
+        self._alive.add(protocol)
+        self.starts += 1
+        _log.info("started job launcher {pid}", pid=protocol.transport.pid)
+        return protocol
+
+    def _ended(self, protocol: _LauncherProtocol, reason: Failure) -> None:
+        self._alive.discard(protocol)
+        if self._protocol is protocol:
+            self._protocol = None
+        jobs, protocol.jobs = protocol.jobs, {}
+        pid = getattr(protocol.transport, "pid", None) or "?"
+        value = getattr(reason, "value", None)
+        how = (f"killed by signal {value.signal}" if getattr(value, "signal", None) is not None
+               else f"exit code {getattr(value, 'exitCode', None)}")
+        if jobs:
+            _log.error("job launcher {pid} ended ({how}) with {n} job(s) running: they are lost",
+                       pid=pid, how=how, n=len(jobs))
+        else:
+            _log.info("job launcher {pid} ended ({how})", pid=pid, how=how)
+        for job in jobs.values():
+            try:
+                job._launcher_lost(f"the job launcher (pid {pid}) ended: {how}")
+            except Exception:  # noqa: BLE001
+                _log.failure("job {marker}: handling the launcher's end failed", marker=job.marker)
 
 
 def _ru(value: Any) -> tuple[float, float, int] | None:
@@ -451,13 +475,45 @@ def _ru(value: Any) -> tuple[float, float, int] | None:
         return None
 
 
+def _optional_int(value: Any, what: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"the identity switch gave a bad {what}: {value!r}")
+    return value
+
+
+def _launch_request(spec: Any, marker: str, sandbox: Path, stdin: Path | None, stdout: Path,
+                    stderr: Path) -> dict[str, Any]:
+    """What the launcher gets for one job, from the identity switch's LaunchSpec."""
+    argv = [os.fspath(a) for a in spec.argv]
+    if not argv:
+        raise ValueError("the identity switch gave an empty argv")
+    # The marker goes in last: whatever the switch did with the environment, the job keeps it.
+    env = {str(k): str(v) for k, v in spec.env.items()}
+    env[MARKER_VARIABLE] = marker
+    groups = getattr(spec, "groups", None)
+    return {
+        "argv": argv,
+        "env": env,
+        "cwd": os.fspath(sandbox),
+        "stdin": os.fspath(stdin) if stdin is not None else None,
+        "stdout": os.fspath(stdout),
+        "stderr": os.fspath(stderr),
+        "uid": _optional_int(getattr(spec, "uid", None), "uid"),
+        "gid": _optional_int(getattr(spec, "gid", None), "gid"),
+        "groups": None if groups is None else [_optional_int(g, "group") for g in groups],
+    }
+
+
 class JobProcess:
     """One job's processes, from spawn to the last descendant.
 
-    ``pid`` is the process the identity switch spawned (the wrapper: session leader, the root
-    of the tree, available right after ``start``); ``job_pid`` is the job's own main process,
-    known shortly after. ``finished`` fires with a JobResult once the main process has exited
-    AND every tracked descendant is gone (killed); it never errbacks."""
+    ``pid`` is the job's wrapper (session leader, the root of the tree) and ``job_pid`` the
+    job's own main process; both are known once the launcher has reported the start, shortly
+    after ``start`` (None until then). ``finished`` fires with a JobResult once the main
+    process has exited AND every process of the job is gone (killed); it never errbacks.
+    ``launcher`` defaults to the one shared by every job on the reactor."""
 
     cleanup_poll = 0.01           # first re-check after killing leftovers; doubles up to the max
     cleanup_poll_max = 0.2
@@ -466,7 +522,7 @@ class JobProcess:
 
     def __init__(self, reactor: Any, switch: Any, job: Any, argv: list[str], env: Mapping[str, str],
                  sandbox: Path, stdin: Path | None, stdout: Path, stderr: Path, marker: str,
-                 sample_interval: float = 1.0) -> None:
+                 sample_interval: float = 1.0, launcher: Launcher | None = None) -> None:
         if not argv:
             raise ValueError("a job needs a command: argv is empty")
         if not marker or "\0" in marker or "\n" in marker:
@@ -484,27 +540,30 @@ class JobProcess:
         self._stderr = stderr
         self.marker = marker
         self._interval = sample_interval
+        self._launcher = launcher
+        self._job_id: int | None = None
 
         self.finished: Deferred[JobResult] = Deferred()
         self.pid: int | None = None
         self.job_pid: int | None = None
         self._result: JobResult | None = None
         self._waiters: list[Deferred[JobResult]] = []
-        self._transport: Any = None
-        self._fifo: Path | None = None
-        self._reader: _ReportReader | None = None
         self._sampler: LoopingCall | None = None
         self._started_at: float | None = None
         self._ended_at: float | None = None
+        # True once the wrapper said "done" or was lost: from then on its pid (and so its
+        # session id) may be reused by anybody, and is no longer a way to find the job.
         self._wrapper_done = False
-        self._draining = False
-        self._wrapper_reason: Failure | None = None
+        self._lost = False
+        self._lost_status: int | None = None
+        self._failure: str | None = None
         self._exit_status: int | None = None
         self._exec_error: str | None = None
         self._reports: list[tuple[float, float, int]] = []
         self._cpu: dict[tuple[int, int], tuple[float, float]] = {}
         self._known: set[tuple[int, int]] = set()
         self._job_key: tuple[int, int] | None = None
+        self._wrapper_key: tuple[int, int] | None = None
         self._peak_rss_kb = 0
         self._killing = False
         self._hard_kill: Any = None
@@ -517,47 +576,25 @@ class JobProcess:
     # -- public --------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Spawn the job through the identity switch and start watching it."""
+        """Hand the job to the launcher (starting that if needed) and start watching it."""
         if self._started_at is not None:
             raise RuntimeError("this job has been started already")
-        fifo = self._sandbox / f".gwms-report-{secrets.token_hex(8)}"
-        os.mkfifo(fifo, 0o600)
-        fd = -1
+        env = {**self._env, MARKER_VARIABLE: self.marker}
+        spec = self._switch.launch(self._job, list(self._argv), env, self._sandbox)
+        request = _launch_request(spec, self.marker, self._sandbox, self._stdin, self._stdout, self._stderr)
+        launcher = self._launcher if self._launcher is not None else Launcher.shared(self._reactor)
+        self._launcher = launcher
+        self._started_at = self._reactor.seconds()
         try:
-            # The wrapper runs as the job's identity: the channel must be that user's (the
-            # sandbox's owner) to open, and nobody else's.
-            owner = os.stat(self._sandbox).st_uid
-            if owner != os.geteuid():
-                os.chown(fifo, owner, -1)
-            # Non-blocking: a FIFO open for reading would otherwise wait for a writer.
-            fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            self._reader = _ReportReader(self._reactor, fd, self._on_record)
-            self._reactor.addReader(self._reader)
-            env = {**self._env, MARKER_VARIABLE: self.marker}
-            argv = [sys.executable, "-I", "-S", "-c", _WRAPPER, str(fifo), *self._argv]
-            self._fifo = fifo
-            self._started_at = self._reactor.seconds()
-            self._transport = self._switch.spawn(self._reactor, _WrapperProtocol(self), self._job, argv, env,
-                                                 self._sandbox, self._stdin, self._stdout, self._stderr)
+            self._job_id = launcher.spawn(self, request)
         except BaseException:
             self._started_at = None
-            self._fifo = None
-            if self._reader is not None:
-                self._reader.close()
-                self._reader = None
-            elif fd >= 0:
-                os.close(fd)
-            _unlink(fifo)
             raise
-        if self.pid is None and getattr(self._transport, "pid", None) is not None:
-            self.pid = self._transport.pid
-        _log.info("job {marker} started: wrapper pid {pid}", marker=self.marker, pid=self.pid)
-        if self._wrapper_done:
-            self._begin_cleanup()  # it ended inside spawn()
-        else:
-            self._sampler = LoopingCall(self._sample)
-            self._sampler.clock = self._reactor
-            self._sampler.start(self._interval, now=True)
+        # The first sample one interval from now: a job shorter than that is never sampled
+        # (its exact report is all there is to know), which keeps short jobs cheap.
+        self._sampler = LoopingCall(self._sample)
+        self._sampler.clock = self._reactor
+        self._sampler.start(self._interval, now=False)
 
     def kill(self, grace: float = 10.0) -> Deferred[JobResult]:
         """SIGTERM to every process of the job, SIGKILL to whatever is left after ``grace``
@@ -599,45 +636,68 @@ class JobProcess:
 
     def _sample(self) -> None:
         try:
-            self._scan()
+            if self.pid is None or self._wrapper_done or self._cleanup_started is not None:
+                return  # not started yet, or ending: the reports and the cleanup scans take over
+            if not _HAVE_CHILDREN:
+                self._scan()
+                return
+            wrapper = _read_stat(self.pid)
+            # Still our wrapper (a session leader whose parent is the launcher)? It may have
+            # ended a moment ago, with its last report still on its way.
+            if wrapper is None or wrapper.session != self.pid or wrapper.ppid != self._launcher.pid:
+                return
+            self._record(_tree_below(self.pid))
         except Exception:  # noqa: BLE001
             # A broken sample must not stop the sampling (a LoopingCall stops on an error).
             _log.failure("job {marker}: sampling /proc failed", marker=self.marker)
 
-    def _scan(self) -> dict[int, _Proc]:
-        """One /proc walk: the job's live processes (without the wrapper), recorded for
-        accounting and remembered by (pid, start) so they stay tracked if reparented."""
-        table = _proc_table()
-        roots: list[int] = []
-        sessions: list[int] = []
-        if self.pid is not None and not self._wrapper_done:
-            # Only while Twisted has not reaped the wrapper: until then its pid (and so its
-            # session id) cannot belong to anybody else.
-            roots.append(self.pid)
-            sessions.append(self.pid)
-        procs = _job_tree(table, self.marker, roots, sessions, self._known)
-        if self.pid is not None:
-            procs.pop(self.pid, None)  # the wrapper is ours, not the job's
+    def _record(self, procs: Mapping[int, _Proc]) -> None:
+        """Account for the job's live processes (the wrapper excluded) and remember them by
+        (pid, start), so that they stay tracked if they are reparented."""
         rss = 0
         for proc in procs.values():
             self._known.add(proc.key)
             self._cpu[proc.key] = (proc.user_cpu, proc.sys_cpu)
             rss += proc.rss_kb
-            if proc.pid == self.job_pid and self._job_key is None:
+            if proc.pid == self.job_pid and self._job_key is None and self._exit_status is None:
                 self._job_key = proc.key
         self._peak_rss_kb = max(self._peak_rss_kb, rss)
+
+    def _scan(self) -> dict[int, _Proc]:
+        """One /proc walk: the job's live processes (the wrapper only if it was lost: then it
+        is to be killed too), recorded as by ``_record``."""
+        table = _proc_table()
+        roots: list[int] = []
+        sessions: list[int] = []
+        if self.pid is not None and not self._wrapper_done:
+            # Only until the wrapper is done or lost: until then its pid (and so its session id)
+            # cannot belong to anybody else.
+            roots.append(self.pid)
+            sessions.append(self.pid)
+        procs = _job_tree(table, self.marker, roots, sessions, self._known)
+        wrapper = procs.get(self.pid) if self.pid is not None else None
+        if wrapper is not None:
+            if self._wrapper_key is None and not self._wrapper_done:
+                self._wrapper_key = wrapper.key
+            if wrapper.key == self._wrapper_key:
+                if self._lost:
+                    self._known.add(wrapper.key)  # keep it in view: it goes with the job now
+                else:
+                    del procs[wrapper.pid]  # ours, not the job's: it must live to reap and report
+        self._record({pid: proc for pid, proc in procs.items() if proc.key != self._wrapper_key})
         self._reap_orphans(table)
         return procs
 
     def _reap_orphans(self, table: Mapping[int, _Proc]) -> None:
-        # With the startd a subreaper, the job's orphans come to us if the wrapper died: reap
-        # the zombies that are ours to reap, and nobody else's (Twisted's own, or a
-        # subprocess'es, would lose their exit status).
+        # With the startd a subreaper, the job's orphans (the wrapper included) come to us if
+        # the launcher died: reap the zombies that are ours to reap, and nobody else's
+        # (Twisted's own, or a subprocess'es, would lose their exit status).
         me = os.getpid()
         twisted_pids: set[int] | None = None
         for proc in table.values():
-            if proc.state == "Z" and proc.ppid == me and proc.pid != self.pid and (
-                    proc.key in self._known or (self.pid is not None and proc.session == self.pid)):
+            if proc.state == "Z" and proc.ppid == me and (
+                    proc.key in self._known or proc.key == self._wrapper_key
+                    or (self.pid is not None and proc.session == self.pid)):
                 if twisted_pids is None:
                     twisted_pids = _twisted_owned_pids()
                 if proc.pid in twisted_pids:
@@ -657,7 +717,8 @@ class JobProcess:
             except (ProcessLookupError, PermissionError):
                 pass
         for proc in self._scan().values():
-            if _signal(proc, sig) and sig == signal.SIGKILL and proc.key != self._job_key:
+            if (_signal(proc, sig) and sig == signal.SIGKILL
+                    and proc.key not in (self._job_key, self._wrapper_key)):
                 self._killed.add(proc.key)
 
     def _kill_hard(self) -> None:
@@ -666,25 +727,20 @@ class JobProcess:
             _log.info("job {marker}: grace over, SIGKILL", marker=self.marker)
             self._begin_cleanup()
 
-    # -- events from the wrapper ---------------------------------------------------------------
-
-    def _spawned(self, pid: int | None) -> None:
-        self.pid = pid
+    # -- events from the launcher --------------------------------------------------------------
 
     def _on_record(self, record: dict) -> None:
+        if self._result is not None:
+            return
         event = record.get("event")
         if event == "start":
-            pid = record.get("pid")
+            pid, job_pid = record.get("pid"), record.get("job_pid")
             if isinstance(pid, int) and pid > 1:
-                self.job_pid = pid
-                proc = _read_stat(pid)
-                if proc is not None and proc.ppid == self.pid:
-                    self._job_key = proc.key
-                    self._known.add(proc.key)
+                self.pid = pid
+            if isinstance(job_pid, int) and job_pid > 1:
+                self.job_pid = job_pid
             error = record.get("exec_error")
             self._exec_error = error if isinstance(error, str) else None
-            if self._fifo is not None:
-                _unlink(self._fifo)  # the wrapper did; this covers a wrapper that could not
             if self._killing and self._hard_kill is not None:
                 self._signal_job(signal.SIGTERM)  # kill() came before the job existed
         elif event == "exit":
@@ -695,33 +751,55 @@ class JobProcess:
             for key in ("main", "children"):
                 if (values := _ru(record.get(key))) is not None:
                     self._reports.append(values)
-            if not self._draining:
-                self._begin_cleanup()
-        elif event == "done" and (values := _ru(record.get("children"))) is not None:
-            self._reports.append(values)
+            if record.get("done"):
+                self._wrapper_done = True
+                if not self._killing and self._cleanup_started is None:
+                    self._finish()  # the usual end: nothing left, nothing to look for
+                    return
+            self._continue_cleanup()
+        elif event == "done":
+            if (values := _ru(record.get("children"))) is not None:
+                self._reports.append(values)
+            self._wrapper_done = True
+            self._continue_cleanup()
+        elif event == "lost":
+            status = record.get("status")
+            self._wrapper_lost(status if isinstance(status, int) else None,
+                               f"its wrapper (pid {self.pid}) ended without reporting", pinned=False)
+        elif event == "error":
+            # Not even forked (the launcher could not): as good as an exec failure.
+            self._exec_error = str(record.get("error") or "cannot start the job")
+            self._exit_status = 126 << 8
+            self._wrapper_done = True
+            self._ended_at = self._reactor.seconds()
+            self._continue_cleanup()
 
-    def _wrapper_ended(self, reason: Failure) -> None:
-        # First: Twisted has reaped it, so its pid may be reused from now on.
+    def _launcher_lost(self, why: str) -> None:
+        if self._result is None:
+            # The wrapper was the launcher's child until now, so its pid still names it: one
+            # last look through it, to know the job's processes by (pid, start) from now on.
+            self._wrapper_lost(None, why, pinned=True)
+
+    def _wrapper_lost(self, status: int | None, why: str, pinned: bool) -> None:
+        self._lost = True
+        if pinned and self.pid is not None and not self._wrapper_done:
+            self._scan()
         self._wrapper_done = True
-        self._wrapper_reason = reason
-        if self._reader is not None:
-            # What it wrote before exiting is in the FIFO, possibly not yet seen by the reactor:
-            # read all of it (the final "done" included) before deciding anything.
-            self._draining = True
-            try:
-                self._reader.doRead()
-            finally:
-                self._draining = False
+        if self._exit_status is None:
+            self._lost_status = status
+            self._failure = why
+            _log.error("job {marker}: {why}; killing what is left of it", marker=self.marker, why=why)
         if self._ended_at is None:
             self._ended_at = self._reactor.seconds()
-        if self._transport is None:
-            return  # ended inside spawn(): start() cleans up once it has the transport
+        self._continue_cleanup()
+
+    # -- the end -------------------------------------------------------------------------------
+
+    def _continue_cleanup(self) -> None:
         if self._cleanup_started is None:
             self._begin_cleanup()
         else:
             self._cleanup_round()
-
-    # -- the end -------------------------------------------------------------------------------
 
     def _begin_cleanup(self) -> None:
         if self._cleanup_started is not None:
@@ -740,7 +818,7 @@ class JobProcess:
         if self._cleanup_call is not None and self._cleanup_call.active():
             self._cleanup_call.cancel()
         self._cleanup_call = None
-        # Kill what is left (not the wrapper: it must live to reap them and report).
+        # Kill what is left (not the wrapper, unless lost: it must live to reap them and report).
         self._signal_job(signal.SIGKILL)
         left = self._scan()
         if not left and self._wrapper_done:
@@ -751,10 +829,8 @@ class JobProcess:
             _log.warn("job {marker}: wrapper {pid} did not report in {s} s, killing it",
                       marker=self.marker, pid=self.pid, s=self.wrapper_patience)
             self._wrapper_killed = True
-            try:
-                self._transport.signalProcess("KILL")
-            except ProcessExitedAlready:
-                pass  # it ended meanwhile: processEnded is on its way
+            if self._launcher is not None and self._job_id is not None:
+                self._launcher.kill_wrapper(self._job_id)  # its end comes back as "lost"
         if elapsed >= self.give_up_after:
             _log.error("job {marker}: processes {pids} would not die in {s} s; giving up on them",
                        marker=self.marker, pids=sorted(left), s=self.give_up_after)
@@ -764,39 +840,31 @@ class JobProcess:
         self._cleanup_delay = min(self._cleanup_delay * 2, self.cleanup_poll_max)
 
     def _finish(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
-        if self._fifo is not None:
-            _unlink(self._fifo)
+        if self._launcher is not None and self._job_id is not None:
+            self._launcher.forget(self._job_id)
         if self._sampler is not None and self._sampler.running:
             self._sampler.stop()
+        if self._hard_kill is not None and self._hard_kill.active():
+            self._hard_kill.cancel()
+        if self._cleanup_call is not None and self._cleanup_call.active():
+            self._cleanup_call.cancel()
         exit_code: int | None = None
         exit_signal: int | None = None
-        if self._exit_status is not None:
-            if os.WIFSIGNALED(self._exit_status):
-                exit_signal = os.WTERMSIG(self._exit_status)
-            else:
-                exit_code = os.waitstatus_to_exitcode(self._exit_status)
+        status = self._exit_status if self._exit_status is not None else self._lost_status
+        if status is None:
+            exit_signal = signal.SIGKILL  # lost with the launcher: it was killed, by us at the latest
+        elif os.WIFSIGNALED(status):
+            exit_signal = os.WTERMSIG(status)
         else:
-            # No report: the wrapper died (or never ran); its own status is all there is.
-            value = getattr(self._wrapper_reason, "value", None)
-            exit_signal = getattr(value, "signal", None)
-            if exit_signal is None:
-                exit_code = getattr(value, "exitCode", None)
+            exit_code = os.waitstatus_to_exitcode(status)
         self._result = JobResult(exit_code=exit_code, exit_signal=exit_signal, usage=self.usage(),
-                                 leftover_processes_killed=len(self._killed), exec_error=self._exec_error)
+                                 leftover_processes_killed=len(self._killed), exec_error=self._exec_error,
+                                 failure=self._failure if self._exit_status is None else None)
         _log.info("job {marker} finished: {result}", marker=self.marker, result=self._result)
         self.finished.callback(self._result)
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(self._result)
-
-
-def _unlink(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 # ---------------------------------------------------------------------------------------------

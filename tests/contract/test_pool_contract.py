@@ -144,8 +144,8 @@ def test_a_hold_reaches_a_running_job_at_once(make_pool):
 
 def test_a_user_cannot_remove_another_users_job(make_pool):
     if len(make_pool.users) < 2:
-        pytest.skip(f"the {make_pool.kind} pool has one user ({make_pool.users[0]}): every job of a "
-                    "real-process pool belongs to the UNIX user running the tests")
+        pytest.skip(f"the {make_pool.kind} pool has one user ({make_pool.users[0]}); "
+                    "tests/integration/test_pool_users.py covers this with real accounts")
     driver = make_pool(slots=1)
     alice, bob = driver.users[:2]
     cluster = driver.submit(bob, NEVER_MATCHES, _slow_files(0))

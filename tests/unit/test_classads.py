@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import pathlib
+import random
 import struct
+import subprocess
+import sys
 import time
+import timeit
 
 import classad2
 import pytest
@@ -834,3 +840,463 @@ def test_format_old_quotes_reserved_names_and_parse_old_reads_them_back():
     assert "'IS' = 0" in text
     back = classads.parse_old(text)
     assert back["IS"] == 0 and back["error"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# matchmaking scope: an unscoped name the ad lacks is looked up in the target
+# ---------------------------------------------------------------------------------------------
+#
+# classad2 does this itself only after something imported htcondor2 (which switches on old-ClassAd
+# semantics for the whole process; classad2 does it on its own the first time it converts a
+# nested ad).  These tests hold in either state: the rewrite-level tests look at the text
+# classads produces, the behaviour tests at results, and the subprocess tests pin each state.
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def explicit(expr: str, my: str = "[RequestMemory = 2048; Cpus2 = 1]", target: str = "[Memory = 4096]") -> str:
+    """The expression classads evaluates for ``expr`` with MY = my and TARGET = target."""
+    e = classads.parse_expr(expr)
+    top, _installs = classads._prepare(e, classads._scan(e), classads.parse_new(my), classads.parse_new(target))
+    return repr(top)
+
+
+REWRITES = [
+    # unscoped names the job lacks get TARGET.; names it has, MY. and TARGET. stay
+    ("Memory >= 1024", "TARGET.Memory >= 1024"),
+    ("RequestMemory <= Memory", "RequestMemory <= TARGET.Memory"),
+    ("requestmemory <= memory", "requestmemory <= TARGET.memory"),  # names ignore case
+    ("MY.Memory >= 1024", "MY.Memory >= 1024"),
+    ("TARGET.Memory >= 1024", "TARGET.Memory >= 1024"),
+    ("MY.a.b + TARGET.a.b", "MY.a.b + TARGET.a.b"),
+    ("a.b.c", "TARGET.a.b.c"),  # the head of a chain is the reference
+    ("Memory[0].x", "TARGET.Memory[0].x"),
+    ("(Memory).x", "(TARGET.Memory).x"),
+    ("Foo[Idx]", "TARGET.Foo[TARGET.Idx]"),
+    ("'Memory' > 1", "TARGET.Memory > 1"),  # a quoted name is a name
+    # strings that contain attribute-like words are not code
+    ('"Memory" == Foo', '"Memory" == TARGET.Foo'),
+    ('strcat("MY.Foo && Bar", Foo) == "x"', 'strcat("MY.Foo && Bar",TARGET.Foo) == "x"'),
+    ('"a \\"Foo\\" b" == Foo', '"a \\"Foo\\" b" == TARGET.Foo'),
+    ('Name =?= "x\\\\" && Memory > 1', 'TARGET.Name is "x\\\\" && TARGET.Memory > 1'),
+    ('strcat("it\'s", Memory)', 'strcat("it\'s",TARGET.Memory)'),
+    # functions named like attributes: the call stays, the argument is a reference
+    ("size(size) == member(member, {member})", "size(TARGET.size) == member(TARGET.member,{ TARGET.member })"),
+    ('regexp("^slot", Name)', 'regexp("^slot",TARGET.Name)'),
+    ("ifThenElse(isUndefined(Foo), 1, Foo)", "ifThenElse(isUndefined(TARGET.Foo),1,TARGET.Foo)"),
+    # keywords and operators are not names
+    ("true || undefined || error || x is undefined || x isnt y",
+     "true || undefined || error || TARGET.x is undefined || TARGET.x isnt TARGET.y"),
+    ("x =?= y", "TARGET.x is TARGET.y"),
+    ("Foo ?: Bar", "TARGET.Foo ?: TARGET.Bar"),
+    ("-Foo", " -TARGET.Foo"),
+    ("!Foo", " !TARGET.Foo"),
+    ("1.5e3 < Memory", "1.500000000000000E+03 < TARGET.Memory"),  # the E of a real is not a name
+    # lists are evaluated in the ad, nested ads in themselves (no fall-through inside)
+    ("{Memory, Cpus}[0]", "{ TARGET.Memory,TARGET.Cpus }[0]"),
+    ("[x = Memory].x + Memory", "[ x = Memory ].x + TARGET.Memory"),
+    ("[a = 1; b = a + Memory].b", "[ a = 1; b = a + Memory ].b"),
+    ("{[a = Memory], Memory}", "{ [ a = Memory ],TARGET.Memory }"),
+    # scopes and the names classad2's match ad defines resolve before any fall-through
+    (".Foo + self.Foo + toplevel.Foo + root.Foo", ".Foo + self.Foo + toplevel.Foo + root.Foo"),
+    ("symmetricMatch || LEFT.x || other.x || ad.x", "symmetricMatch || LEFT.x || other.x || ad.x"),
+    # references made at run time or in other ads' contexts are left alone
+    ('eval("Foo") && Bar', 'eval("Foo") && TARGET.Bar'),
+    ("evalInEachContext(Foo, Bar)", "evalInEachContext(Foo,Bar)"),
+]
+
+
+@pytest.mark.parametrize(("expr", "expected"), REWRITES)
+def test_unscoped_names_the_ad_lacks_get_an_explicit_target_prefix(expr, expected):
+    assert explicit(expr) == expected
+
+
+def test_no_prefix_when_the_ad_has_its_own_attribute_named_target():
+    assert explicit("Memory > 1", my="[TARGET = [Memory = 0]]") == "Memory > 1"
+
+
+def test_expressions_classad2_cannot_print_back_are_left_alone():
+    # classad2 prints TARGET.'odd name' as "TARGET.odd name", which does not read back.
+    assert explicit("'odd name' > 1") == "'odd name' > 1"
+    assert explicit("1e400 > Memory") == 'real("INF") > Memory'  # printed as a call, not the literal
+
+
+def test_the_rewrite_is_made_once_per_expression_and_set_of_missing_names():
+    job = classads.parse_new("[RequestMemory = 1; Requirements = Memory >= RequestMemory]")
+    expr = job.lookup("Requirements")
+    scan = classads._scan(expr)
+    assert classads._scan(job.lookup("Requirements")) is scan  # cached by classad2's text
+    for memory in (1, 2, 3):
+        classads.symmetric_match(job, classads.parse_new(f"[Memory = {memory}]"))
+    assert len(scan.variants) == 1
+    classads.symmetric_match(classads.parse_new("[RequestMemory = 1; Memory = 5; Requirements = Memory >= 1]"), ClassAd())
+    assert len(scan.variants) == 1  # another expression text: another scan
+
+
+SCOPE_JOB = '[Owner = "alice"; RequestMemory = 2048; RequestCpus = 1; Requirements = Memory >= RequestMemory && OpSys == "LINUX"]'
+SCOPE_SLOT = '[Name = "slot1"; Memory = 4096; Cpus = 4; OpSys = "LINUX"; Start = RequestMemory <= Memory && Owner != "bob"; Requirements = START]'
+
+
+def test_unscoped_names_in_job_requirements_find_the_slots_attributes():
+    job, slot = classads.parse_new(SCOPE_JOB), classads.parse_new(SCOPE_SLOT)
+    assert classads.requirements_met(job, slot) is True
+    small = classads.parse_new(SCOPE_SLOT.replace("Memory = 4096", "Memory = 1024"))
+    assert classads.requirements_met(job, small) is False
+    assert classads.requirements_met(job, ClassAd()) is False  # nothing to find: UNDEFINED
+
+
+def test_unscoped_names_in_slot_start_find_the_jobs_attributes():
+    job, slot = classads.parse_new(SCOPE_JOB), classads.parse_new(SCOPE_SLOT)
+    assert classads.requirements_met(slot, job, "Start") is True
+    assert classads.requirements_met(slot, job) is True  # Requirements = START reaches it too
+    assert classads.symmetric_match(job, slot) is True
+    assert classads.symmetric_match(slot, job) is True
+    bob = classads.parse_new(SCOPE_JOB.replace('"alice"', '"bob"'))
+    assert classads.requirements_met(slot, bob, "Start") is False
+    assert classads.symmetric_match(bob, slot) is False
+
+
+def test_my_scope_never_falls_through_and_own_attributes_win():
+    slot = classads.parse_new(SCOPE_SLOT)
+    assert classads.requirements_met(classads.parse_new("[Requirements = MY.Memory >= 1024]"), slot) is False
+    assert classads.requirements_met(classads.parse_new("[Requirements = MY.Memory =?= undefined]"), slot) is True
+    own = classads.parse_new("[Memory = 1; Requirements = Memory >= 1024]")
+    assert classads.requirements_met(own, slot) is False  # the job's own Memory, not the slot's
+    # MY.x in an attribute reached by reference does not fall through either
+    assert classads.requirements_met(classads.parse_new("[Requirements = Big; Big = MY.Memory > 1]"), slot) is False
+
+
+def test_attributes_reached_by_reference_fall_through_and_the_ads_are_left_as_they_were():
+    job = classads.parse_new("[RequestMemory = 2048; Requirements = BigEnough; BigEnough = Memory >= RequestMemory]")
+    slot = classads.parse_new("[Memory = 4096; Requirements = START; START = RequestMemory <= Memory; Rank = Weight; Weight = RequestMemory]")
+    before = (repr(job), repr(slot), list(job), list(slot))
+    assert classads.symmetric_match(job, slot) is True
+    assert classads.rank(slot, job) == 2048.0
+    assert classads.evaluate(slot, "Start", job) is True
+    assert (repr(job), repr(slot), list(job), list(slot)) == before
+    assert repr(slot.lookup("START")) == "RequestMemory <= Memory"  # not left rewritten
+
+
+def test_nested_ads_do_not_fall_through_but_lists_do():
+    slot = classads.parse_new(SCOPE_SLOT)
+    job = ClassAd()
+    assert classads.evaluate_constraint("[x = Memory].x > 1", job, slot) is False  # as in HTCondor
+    assert classads.evaluate_constraint("{Memory, 1}[0] > 1", job, slot) is True
+    assert classads.evaluate_constraint("size({Memory, Cpus}) == 2 && member(4, {Cpus})", job, slot) is True
+
+
+def test_strings_and_function_names_that_look_like_attributes():
+    slot = classads.parse_new('[Memory = 4096; size = "abc"; strcat = "x"]')
+    job = ClassAd()
+    assert classads.evaluate_constraint('strcat("Memory", Memory) == "Memory4096"', job, slot) is True
+    assert classads.evaluate_constraint("size(size) == 3 && strcat(strcat) == \"x\"", job, slot) is True
+    assert classads.evaluate_constraint('"MY.Memory && Memory" == "MY.Memory && Memory"', job, slot) is True
+
+
+def test_rank_evaluate_and_constraints_use_the_scope_rule():
+    job, slot = classads.parse_new(SCOPE_JOB), classads.parse_new(SCOPE_SLOT)
+    ranked = classads.parse_new("[Rank = Memory / 1024]")
+    assert classads.rank(ranked, slot) == 4.0
+    assert classads.evaluate(classads.parse_new("[Fits = Memory >= 4096]"), "Fits", slot) is True
+    assert classads.evaluate(classads.parse_new("[Fits = Memory >= 4096]"), "Fits") is None  # no target
+    assert classads.evaluate_constraint("Memory >= RequestMemory", job, slot) is True
+    constraint = classads.compile_constraint("Memory >= RequestMemory")
+    assert constraint.matches(job, slot) is True
+    assert constraint.matches(job) is False
+    matchmaker_style = classads.Constraint("Requirements", job.lookup("Requirements"))
+    assert [matchmaker_style.matches(job, slot) for _ in range(3)] == [True, True, True]
+
+
+def test_circular_definitions_do_not_stop_the_rule():
+    # classad2 refuses to list references through a cycle; the rule still applies elsewhere.
+    job = classads.parse_new("[Loop = Loop + 1; Requirements = Memory > 1 && isError(Loop) =!= true]")
+    assert classads.requirements_met(job, classads.parse_new("[Memory = 4]")) is True
+    slot = classads.parse_new("[Memory = 4; Cycle = {Cycle, RequestMemory}; Requirements = Cycle[1] == 7]")
+    assert classads.requirements_met(slot, classads.parse_new("[RequestMemory = 7]")) is True
+
+
+def _run_python(script: str, env: dict[str, str] | None = None, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", script], input=stdin, capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, timeout=300)
+
+
+# HTCondor's own configuration, not the host's: no config files, old-ClassAd semantics as in
+# every HTCondor daemon (STRICT_CLASSAD_EVALUATION is false by default).
+HTCONDOR_ENV = {"CONDOR_CONFIG": "ONLY_ENV", "_CONDOR_STRICT_CLASSAD_EVALUATION": "false"}
+
+
+def test_parse_expr_does_not_switch_classad2_to_old_semantics():
+    # Checking a parse with "name in ad" converted the value; a nested ad's conversion imports
+    # htcondor2 and with it old-ClassAd semantics for the whole process.
+    result = _run_python(
+        "import sys\n"
+        "from gwms import classads\n"
+        "classads.parse_expr('[a = 1; b = [c = 2]]')\n"
+        "classads.parse_expr('{[a = 1; b = 2]}')\n"
+        "assert 'htcondor2' not in sys.modules\n"
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_rule_holds_whatever_state_classad2_is_in():
+    script = (
+        "import sys\n"
+        "from gwms import classads\n"
+        "from classad2 import ClassAd, ExprTree, Value\n"
+        f"job, slot = classads.parse_new({SCOPE_JOB!r}), classads.parse_new({SCOPE_SLOT!r})\n"
+        "def state():\n"
+        "    native = ExprTree('Foo').eval(ClassAd('[a = 1]'), ClassAd('[Foo = 7]')) == 7  # (UNDEFINED == 2)\n"
+        "    return 'old' if native else 'strict'\n"
+        "def results():\n"
+        "    return (classads.symmetric_match(job, slot), classads.requirements_met(job, ClassAd('[Memory = 1]')),\n"
+        "            classads.requirements_met(classads.parse_new('[Requirements = MY.Memory > 1]'), slot),\n"
+        "            classads.evaluate_constraint('[x = Memory].x > 1', ClassAd(), slot))\n"
+        "first = (state(), results())\n"
+        "import htcondor2\n"
+        "print((first, (state(), results())))\n"
+    )
+    result = _run_python(script, HTCONDOR_ENV)
+    if "No module named 'htcondor2'" in result.stderr:
+        pytest.skip("htcondor2 is not installed")
+    assert result.returncode == 0, result.stderr
+    expected = (True, False, False, False)
+    assert result.stdout.strip() == str((("strict", expected), ("old", expected)))
+
+
+class _ExprGen:
+    """Random expressions and ads for comparing with HTCondor's own fall-through.
+
+    Only constructs that mean the same under classad2's strict and old semantics: logic over
+    comparisons (old semantics also takes numbers as booleans), no MY./TARGET. or name cycles
+    inside nested ads (old semantics reads MY there as the nested ad).
+    """
+
+    NAMES = ["Memory", "Cpus", "OpSys", "RequestMemory", "Foo", "Bar", "size", "member", "strcat", "Is_Ok",
+             "GLIDEIN_Site", "Start"]
+    STRINGS = ['"Memory"', '"MY.Foo && TARGET.Bar"', '"x \\"Foo\\" y"', "\"it's\"", '"LINUX"', '""']
+
+    def __init__(self, rng: random.Random) -> None:
+        self.r = rng
+        self.nested = 0
+
+    def name(self) -> str:
+        n = self.r.choice(self.NAMES)
+        return self.r.choice([n.lower(), n.upper(), f"'{n}'"]) if self.r.random() < 0.2 else n
+
+    def ref(self) -> str:
+        k, n = self.r.random(), self.name()
+        if k < 0.6 or self.nested:
+            return n
+        return ("MY." if k < 0.8 else "TARGET.") + n
+
+    def num(self, d: int) -> str:
+        k = self.r.random()
+        if d <= 0 or k < 0.3:
+            return self.r.choice([self.ref(), self.ref(), str(self.r.randint(0, 4096))])
+        if k < 0.55:
+            return f"({self.num(d - 1)} {self.r.choice(['+', '-', '*'])} {self.num(d - 1)})"
+        if k < 0.65:
+            return f"ifThenElse({self.boolean(d - 1)}, {self.num(d - 1)}, {self.num(d - 1)})"
+        if k < 0.75:
+            self.nested += 1
+            inner = f"[k1 = {self.num(d - 1)}; k2 = {self.num(d - 1)}].k{self.r.randint(1, 2)}"
+            self.nested -= 1
+            return inner
+        if k < 0.85:
+            return f"{{{self.num(d - 1)}, {self.num(d - 1)}}}[{self.r.randint(0, 1)}]"
+        if k < 0.9:
+            return f"size({{{self.num(d - 1)}, {self.r.choice(self.STRINGS)}}})"
+        if k < 0.95:
+            return f"-{self.num(d - 1)}"
+        return f"size(strcat({self.r.choice(self.STRINGS)}, {self.num(d - 1)}))"
+
+    def boolean(self, d: int) -> str:
+        k = self.r.random()
+        if d <= 0 or k < 0.35:
+            op = self.r.choice(["==", "!=", "<", ">=", "=?=", "=!="])
+            right = self.r.choice([self.num(0), self.r.choice(self.STRINGS), "undefined"])
+            return f"{self.num(max(d - 1, 0))} {op} {right}"
+        if k < 0.6:
+            return f"({self.boolean(d - 1)} {self.r.choice(['&&', '||'])} {self.boolean(d - 1)})"
+        if k < 0.7:
+            return f"!({self.boolean(d - 1)})"
+        if k < 0.8:
+            return f"isUndefined({self.num(d - 1)})"
+        if k < 0.9:
+            return f"member({self.num(d - 1)}, {{{self.num(d - 1)}, 1, 2}})"
+        self.nested += 1
+        inner = f"[b = {self.boolean(d - 1)}].b"
+        self.nested -= 1
+        return inner
+
+    def ad(self) -> str:
+        parts = []
+        for n in self.r.sample(self.NAMES, self.r.randint(0, 6)):
+            k = self.r.random()
+            if k < 0.5:
+                v = str(self.r.randint(0, 4096))
+            elif k < 0.6:
+                v = self.r.choice(self.STRINGS)
+            elif k < 0.75:
+                v = self.num(1)  # attributes refer to each other: rewritten while evaluated
+            elif k < 0.85:
+                v = self.boolean(1)
+            elif k < 0.9:
+                v = f"{{{self.num(0)}, 3}}"
+            else:
+                self.nested += 1
+                v = f"[k1 = {self.num(0)}; k2 = 7]"
+                self.nested -= 1
+            parts.append(f"{n} = {v}")
+        if self.r.random() < 0.5:
+            parts.append(f"Requirements = {self.boolean(3)}")
+        return "[" + "; ".join(parts) + "]"
+
+    def cases(self, n: int) -> list[tuple[str, str, str]]:
+        out = []
+        for _ in range(n):
+            a, b = self.ad(), self.ad()
+            use_attribute = "Requirements" in a and self.r.random() < 0.5
+            out.append((a, b, "Requirements" if use_attribute else self.boolean(3)))
+        return out
+
+
+HTCONDOR_REFERENCE = r'''
+import json, sys
+import htcondor2  # HTCondor's configuration switches on old-ClassAd semantics: its own fall-through
+from classad2 import ClassAd, ExprTree
+assert ExprTree("Foo").eval(ClassAd("[a = 1]"), ClassAd("[Foo = 7]")) == 7, "no fall-through in this htcondor2"
+out = []
+for my, target, expr in json.load(sys.stdin):
+    a, b = ClassAd(my), ClassAd(target)
+    e = a.lookup(expr) if expr == "Requirements" else ExprTree(expr)
+    out.append(repr(e.eval(a, b)))
+json.dump(out, sys.stdout)
+'''
+
+GWMS_UNDER_TEST = r'''
+import json, sys
+from gwms import classads
+out = []
+for my, target, expr in json.load(sys.stdin):
+    a, b = classads.parse_new(my), classads.parse_new(target)
+    e = a.lookup(expr) if expr == "Requirements" else classads.parse_expr(expr)
+    before = (repr(a), repr(b))
+    top, installs = classads._prepare(e, classads._scan(e), a, b)
+    out.append([repr(classads._eval_match(e, a, b)), repr(classads._eval(e, a, b)), bool(installs)])
+    assert (repr(a), repr(b)) == before, "an ad was left changed"
+assert "htcondor2" not in sys.modules, "classad2 switched to old semantics during the run"
+json.dump(out, sys.stdout)
+'''
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_the_rule_agrees_with_htcondors_own_fall_through(seed):
+    """gwms.classads in classad2's strict state against HTCondor's alternateScope mechanism."""
+    cases = _ExprGen(random.Random(seed)).cases(1500)
+    reference = _run_python(HTCONDOR_REFERENCE, HTCONDOR_ENV, json.dumps(cases))
+    if "No module named 'htcondor2'" in reference.stderr:
+        pytest.skip("htcondor2 is not installed")
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    ours = _run_python(GWMS_UNDER_TEST, {}, json.dumps(cases))
+    assert ours.returncode == 0, ours.stderr[-2000:]
+    expected, got = json.loads(reference.stdout), json.loads(ours.stdout)
+    differ = [(case, want, have[0]) for case, want, have in zip(cases, expected, got) if want != have[0]]
+    assert not differ, differ[:5]
+    # The comparison means something: plain classad2 gets many of these wrong, and some need
+    # attributes of either ad rewritten while evaluating.
+    assert sum(want != have[1] for want, have in zip(expected, got)) > 40
+    assert sum(have[2] for have in got) > 40
+
+
+def test_the_rule_costs_at_most_a_few_times_a_plain_evaluation():
+    job = classads.parse_new(
+        '[RequestCpus = 1; RequestMemory = 2048; RequestDisk = 1000000; Requirements = (TARGET.Arch == "X86_64") && '
+        '(TARGET.OpSys == "LINUX") && (TARGET.Disk >= RequestDisk) && (TARGET.Memory >= RequestMemory) && '
+        '(TARGET.Cpus >= RequestCpus)]')
+    slot = classads.parse_new(
+        '[Arch = "X86_64"; OpSys = "LINUX"; Disk = 80000000; Memory = 8192; Cpus = 4; State = "Unclaimed"; '
+        'Start = TARGET.RequestMemory <= MY.Memory && TARGET.RequestCpus <= MY.Cpus; Requirements = START]')
+
+    def plain() -> bool:  # what symmetric_match cost before the rule
+        return (classads._is_true(classads._eval(job.lookup("Requirements"), job, slot))
+                and classads._is_true(classads._eval(slot.lookup("Requirements"), slot, job)))
+
+    def best(f) -> float:
+        return min(timeit.repeat(f, number=300, repeat=15))
+
+    assert plain() is True and classads.symmetric_match(job, slot) is True
+    ratio = min(best(lambda: classads.symmetric_match(job, slot)) / best(plain) for _ in range(3))
+    assert ratio < 3.0  # measured about 1.5-2x; generous for loaded machines
+
+
+# ---------------------------------------------------------------------------------------------
+# references and conjuncts
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("expr", "expected"), [
+    ("TARGET.Memory >= MY.RequestMemory && Cpus > 1", {"TARGET.Memory", "MY.RequestMemory", "Cpus"}),
+    ("target.a.b + my.c[0] + d.e", {"TARGET.a", "MY.c", "d"}),
+    ('strcat("Memory", x) == "MY.y"', {"x"}),  # strings and function names are not references
+    ("[x = Foo].x + {Bar}[0]", {"Foo", "Bar"}),
+    ("'odd name' > 1", {"odd name"}),
+    ('MY["x"] + TARGET["y"]', {"MY", "TARGET"}),  # subscripted scopes: any attribute may matter
+    ("parent.x", {"MY", "TARGET"}),
+    ('eval("Foo") && Bar', {"MY", "TARGET", "Bar"}),  # names built at run time
+    ("[x = x].x", {"MY", "TARGET"}),  # classad2 cannot list references through a cycle
+    ("1 + 2", set()),
+])
+def test_references_names_what_an_expression_refers_to(expr, expected):
+    assert classads.references(classads.parse_expr(expr)) == expected
+
+
+def test_references_agree_with_the_matchmakers_private_copy():
+    from gwms.negotiator import matchmaker
+
+    for text in ["TARGET.Memory >= MY.RequestMemory && Cpus > 1", 'stringListMember(GLIDEIN_Site, DESIRED_Sites)',
+                 "ifThenElse(isUndefined(TARGET.Foo), MY.Bar, Baz)"]:
+        expr = classads.parse_expr(text)
+        private = matchmaker._references(expr, repr(expr))
+        public = classads.references(expr)
+        assert {f"MY.{n}" for n in private.my} | {f"TARGET.{n}" for n in private.target} | set(private.bare) == public
+
+
+def clauses(text: str) -> list[str]:
+    return [repr(c) for c in classads.conjuncts(classads.parse_expr(text))]
+
+
+@pytest.mark.parametrize(("expr", "expected"), [
+    ('(TARGET.Arch == "X86_64") && (TARGET.OpSys == "LINUX") && (TARGET.Memory >= RequestMemory)',
+     ['TARGET.Arch == "X86_64"', 'TARGET.OpSys == "LINUX"', "TARGET.Memory >= RequestMemory"]),
+    ("a && (b && c)", ["a", "b", "c"]),
+    ("(a && b) && !(c && d)", ["a", "b", " !(c && d)"]),
+    ("a || b && c", ["a || b && c"]),  # && binds tighter: the top is ||
+    ("a && b ? c : d", ["a && b ? c : d"]),
+    ("a && (b || c)", ["a", "b || c"]),
+    ('"x && y" == s && [a = 1 && 2].a', ['"x && y" == s', "[ a = 1 && 2 ].a"]),
+    ("'a&&b' && {1 && 2}[0]", ["'a&&b'", "{ 1 && 2 }[0]"]),
+    ("(a) + (b) && c", ["(a) + (b)", "c"]),
+    ("strcat(a && b, c) && d", ["strcat(a && b,c)", "d"]),
+    ("a", ["a"]),
+])
+def test_conjuncts_split_the_top_level_ands(expr, expected):
+    assert clauses(expr) == expected
+
+
+def test_conjuncts_of_a_non_conjunction_is_the_expression_itself():
+    expr = classads.parse_expr("a || b")
+    assert classads.conjuncts(expr)[0] is expr
+
+
+def test_conjuncts_evaluate_like_the_whole_expression():
+    gen = _ExprGen(random.Random(7))
+    ads = [classads.parse_new(gen.ad()) for _ in range(20)]
+    for _ in range(300):
+        parts = [gen.boolean(2) for _ in range(gen.r.randint(1, 4))]
+        expr = classads.parse_expr(" && ".join(parts))
+        pieces = classads.conjuncts(expr)
+        assert len(pieces) >= len(parts)
+        for my, target in zip(ads, reversed(ads)):
+            whole = classads.evaluate_constraint(expr, my, target)
+            assert whole == all(classads.evaluate_constraint(piece, my, target) for piece in pieces), repr(expr)
