@@ -23,6 +23,10 @@ HTCondor.  This module adds only what classad2 does not do for us:
 * **HTCondor's conventions** where classad2 leaves them to the caller: how a constraint's
   non-boolean value counts (like condor_q), old-syntax string escaping (like
   condor_status -long), and JSON output (like condor_q -json).
+* **HTCondor's matchmaking scope rule**: evaluated against a target, an unscoped name the ad
+  lacks is looked up in the target (``Memory >= 1024`` in a job means the slot's Memory).
+  classad2 does that only in a process-wide mode that switches on by accident, so we make the
+  references explicit instead (see "Matchmaking scope" below).
 
 classad2 keeps its last error message in a process-wide variable, so the diagnostics here
 assume the Twisted way of calling it from one thread at a time.
@@ -898,10 +902,14 @@ def decode(data: bytes) -> ClassAd:
 # consults ClassAd::alternateScope, which the negotiator, condor_q -better-analyze and
 # MatchClassAd set to the match partner when old-ClassAd semantics are on (as in every HTCondor
 # daemon).  classad2 has that switch too, but it is process-wide and turned on as a side effect:
-# the first time classad2 converts a nested ad to Python it imports htcondor2, whose
-# configuration code flips it.  So plain classad2 gives either answer depending on what the
-# process did before.  We do not depend on it: expressions get explicit ``TARGET.`` prefixes
-# (HTCondor's own AddExplicitTargetRefs idea) so that both states give HTCondor's answer.
+# the first time classad2 converts a nested ad to Python (``ad["Nested"]``, ``name in ad``, an
+# expression whose value is an ad) it imports htcondor2, whose configuration code flips it
+# (along with other old-ClassAd differences: HTCondor's extra functions such as
+# stringListMember appear, MY works without a target, leading-zero integers stop parsing).  So
+# plain classad2 gives either answer depending on what the process did before.  We do not
+# depend on it: expressions get explicit ``TARGET.`` prefixes (HTCondor's AddExplicitTargetRefs
+# idea) so that both states give HTCondor's answer, and this module avoids converting values
+# where it only needs to know whether a name is defined (_defines).
 #
 # How, without parsing ClassAds ourselves: classad2 prints the expression; a small token scan
 # of that canonical text finds the references that are unscoped; ``TARGET.`` is inserted before
@@ -935,7 +943,6 @@ _MATCH_AD_NAMES: Final = frozenset({
 })
 _NEVER_FALL_THROUGH: Final = _OWN_SCOPES | _OTHER_SCOPES | _MATCH_AD_NAMES
 _KEYWORDS: Final = frozenset({"true", "false", "undefined", "error", "is", "isnt"})
-_OPERAND_KEYWORDS: Final = frozenset({"true", "false", "undefined", "error"})
 # Functions that evaluate an argument in other ads' contexts (HTCondor's compat library).
 _CONTEXT_FUNCTIONS: Final = frozenset({"evalineachcontext", "evaluateincontext", "countmatches"})
 # Functions that build references at run time from strings.
@@ -953,12 +960,12 @@ _TOKEN_RE = re.compile(
       | (?P<num>(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)
       | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
       | (?P<op>=\?=|=!=|&&|\|\||==|!=|<=|>=|>>>|>>|<<|\?:|.)""",
-    re.S | re.X,
+    re.DOTALL | re.VERBOSE,
 )
 
 
 class _Token:
-    __slots__ = ("kind", "start", "end", "text")
+    __slots__ = ("end", "kind", "start", "text")
 
     def __init__(self, kind: str, start: int, end: int, text: str) -> None:
         self.kind = kind
@@ -987,8 +994,8 @@ def _tokens(text: str) -> list[_Token]:
 class _Scan:
     """What the token scan of one printed expression found (cached by text)."""
 
-    __slots__ = ("text", "ok", "sites", "site_names", "probe", "probe_names", "own", "other", "dynamic",
-                 "variants")
+    __slots__ = ("all_other", "all_own", "dynamic", "nested", "ok", "other", "own", "probe", "probe_names",
+                 "site_names", "sites", "text", "variants")
 
     def __init__(self, text: str) -> None:
         self.text = text
@@ -997,16 +1004,19 @@ class _Scan:
         self.site_names: dict[str, str] = {}  # lower-case -> spelling, for every site name
         self.probe: dict[str, str] = {}  # lower-case -> spelling: every name whose definition matters
         self.probe_names: tuple[str, ...] = ()  # the spellings, sorted: asked of the owner ad
+        self.nested: tuple[str, ...] = ()  # unscoped names inside nested ads (no fall-through there)
         self.own: tuple[str, ...] = ()  # MY.x and friends: attributes of the owner ad
         self.other: tuple[str, ...] = ()  # TARGET.x: attributes of the other ad
         self.dynamic = False  # eval(), a context function or an escaped name: references we cannot see
+        self.all_own = False  # a bare scope (MY["x"], parent, ...): any attribute of the owner may matter
+        self.all_other = False  # the same for the other ad (TARGET["x"], ...)
         self.variants: dict[tuple[frozenset[str], bool], _Variant] = {}
 
 
 class _Variant:
     """The expression as evaluated in one owner ad (for one set of undefined names)."""
 
-    __slots__ = ("expr", "own", "other")
+    __slots__ = ("expr", "other", "own")
 
     def __init__(self, expr: ExprTree | None, own: tuple[str, ...], other: tuple[str, ...]) -> None:
         self.expr = expr  # the rewritten tree, or None: evaluate the expression as it is
@@ -1024,7 +1034,7 @@ def _scan_text(text: str) -> _Scan:
     # Open brackets: "ad" for a nested ad literal, "ctx" for the arguments of a context
     # function, else the bracket itself.  Nothing inside an "ad" or "ctx" frame falls through.
     stack: list[str] = []
-    closed_frames = 0  # how many "ad"/"ctx" frames are open
+    opaque = 0  # how many "ad"/"ctx" frames are open
     for i, token in enumerate(tokens):
         kind = token.kind
         if kind == "op":
@@ -1038,13 +1048,12 @@ def _scan_text(text: str) -> _Scan:
             elif char == "{":
                 opens = "{"
             else:
-                if char in ")]}" and stack:
-                    if stack.pop() in ("ad", "ctx"):
-                        closed_frames -= 1
+                if char in ")]}" and stack and stack.pop() in ("ad", "ctx"):
+                    opaque -= 1
                 continue
             stack.append(opens)
             if opens in ("ad", "ctx"):
-                closed_frames += 1
+                opaque += 1
             continue
         if kind not in ("name", "qname"):
             continue
@@ -1071,19 +1080,31 @@ def _scan_text(text: str) -> _Scan:
                 own.setdefault(low, name)  # ".name": the root scope
             elif head.kind in ("name", "qname") and not (i >= 3 and tokens[i - 3].text == "."):
                 scope = head.name().lower()
-                if scope in _OWN_SCOPES:
-                    own.setdefault(low, name)
-                elif scope in _OTHER_SCOPES:
+                if scope in _OTHER_SCOPES:
                     other.setdefault(low, name)
+                elif scope == "parent" or scope in _MATCH_AD_NAMES:
+                    scan.all_own = scan.all_other = True  # classad2's match ad: not an attribute we can name
+                elif scope in _OWN_SCOPES:
+                    own.setdefault(low, name)
             continue
         if low in _NEVER_FALL_THROUGH:
+            if following is None or following.text != ".":  # a bare scope, not the head of "MY.x"
+                if low in _OTHER_SCOPES:
+                    scan.all_other = True
+                elif low in _OWN_SCOPES and low != "parent":
+                    scan.all_own = True
+                else:
+                    scan.all_own = scan.all_other = True
             continue
-        if closed_frames:
-            nested.setdefault(low, name)  # found through the parent chain, or undefined
+        if opaque:
+            if following is not None and following.text == "=" and stack[-1] == "ad":
+                continue  # "name = ..." defines an attribute of the nested ad
+            nested.setdefault(low, name)  # found in the nested ad, through its parents, or not at all
             continue
         sites.append((token.start, low))
         scan.site_names.setdefault(low, name)
     scan.sites = tuple(sites)
+    scan.nested = tuple(nested.values())
     scan.own = tuple(own.values())
     scan.other = tuple(other.values())
     probe = dict(scan.site_names)
@@ -1178,7 +1199,6 @@ def _with_target_prefix(scan: _Scan, names: frozenset[str]) -> ExprTree | None:
 # "target." where a reference starts in classad2's names for references ("target.memory",
 # "(target.memory).x"), not inside a longer name ("mytarget.x").
 _TARGET_PREFIX_RE = re.compile(r"(?<![A-Za-z0-9_.'])target\.")
-
 
 
 _NO_NAMES: Final = frozenset[str]()
@@ -1385,43 +1405,52 @@ def _eval_match(expr: ExprTree, my: ClassAd | None, target: ClassAd | None, scan
 
 
 def references(expr: ExprTree) -> frozenset[str]:
-    """The attributes ``expr`` refers to, as classad2 finds them: ``"MY.Name"``, ``"TARGET.Name"``
-    and unscoped ``"Name"`` (which in matchmaking means the ad's own attribute if it has one,
-    else the other ad's).  Names keep their spelling; only the first attribute of a chain is
-    given (``TARGET.a.b`` gives ``"TARGET.a"``).  ``"MY"`` or ``"TARGET"`` alone means any
-    attribute of that ad may matter: a bare ``MY["x"]``, ``parent``, names built by eval(), or a
-    reference classad2 describes in a form we do not take apart.
+    """The attributes ``expr`` refers to: ``"MY.Name"``, ``"TARGET.Name"`` and unscoped
+    ``"Name"`` (which in matchmaking means the ad's own attribute if it has one, else the other
+    ad's).  Names keep their spelling; only the first attribute of a chain is given
+    (``TARGET.a.b`` gives ``"TARGET.a"``); ``self.x`` and ``.x`` count as ``MY.x``.  ``"MY"``
+    or ``"TARGET"`` alone means any attribute of that ad may matter: a bare ``MY["x"]``,
+    ``parent``, names built by eval(), or a reference classad2 reports that we cannot name.
+
+    The scopes come from the token scan of classad2's printed text, because classad2's own
+    externalRefs reports ``MY.x`` as ``MY.x`` or as ``x`` depending on its process-wide mode
+    (see "Matchmaking scope"); its names are used as a check: any name it reports that the
+    scan did not find makes the answer "anything" (``"MY"`` and ``"TARGET"``).
     """
     text = repr(expr)
     cached = _REFERENCES.get(text)
     if cached is not None:
         return cached
-    found: set[str] = set()
+    scan = _scan(expr, text)
+    found = set(scan.site_names.values()) | set(scan.nested)
+    found.update("MY." + name for name in scan.own)
+    found.update("TARGET." + name for name in scan.other)
+    if scan.dynamic or scan.all_own:
+        found.add("MY")
+    if scan.dynamic or scan.all_other:
+        found.add("TARGET")
+    known = {ref.rpartition(".")[2].lower() for ref in found}
     raw = _raw_refs(expr)
-    if raw is None:
-        raw = set()
-        found.update(("MY", "TARGET"))  # classad2 cannot say: anything may matter
-    for ref in raw:
-        head, dot, rest = ref.partition(".")
-        scope = head.strip("'").lower()
-        member = rest.partition(".")[0].partition("[")[0]
-        if head.startswith("(") or "[" in head:
-            found.update(("MY", "TARGET"))  # "(x).y", "x[i].y": reaches into values
-        elif scope == "my":
-            found.add("MY." + member if member else "MY")
-        elif scope == "target":
-            found.add("TARGET." + member if member else "TARGET")
-        elif scope == "parent":
-            found.update(("MY", "TARGET"))
-        else:
-            found.add(head.strip("'") if head.startswith("'") else head)
-    if _scan(expr, text).dynamic:
-        found.update(("MY", "TARGET"))  # eval() and friends: references made at run time
+    if raw is None or any(name is not None and name.lower() not in known for name in map(_ref_attribute, raw)):
+        found.update(("MY", "TARGET"))
     result = frozenset(found)
     if len(_REFERENCES) >= _SCANS_MAX:
         _REFERENCES.clear()
     _REFERENCES[text] = result
     return result
+
+
+def _ref_attribute(ref: str) -> str | None:
+    """The attribute one of classad2's reference names is about (``TARGET.a.b``, ``my.a``,
+    ``a.b`` -> ``a``); None for forms that name none (``(x).y``, a bare ``MY``)."""
+    if ref.startswith("("):
+        return None
+    head, _dot, rest = ref.partition(".")
+    head = head.partition("[")[0].strip("'")
+    if head.lower() in ("my", "target"):
+        member = rest.partition(".")[0].partition("[")[0]
+        return member or None
+    return head or None
 
 
 _REFERENCES: dict[str, frozenset[str]] = {}
@@ -1525,7 +1554,7 @@ class Constraint:
     are looked up in the target, as in HTCondor's matchmaking.
     """
 
-    __slots__ = ("text", "expr", "_scan")
+    __slots__ = ("_scan", "expr", "text")
 
     def __init__(self, text: str | None, expr: ExprTree | None) -> None:
         self.text = text

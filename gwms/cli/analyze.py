@@ -60,8 +60,7 @@ class Report:
             return f"held: {self.hold_reason}" if self.hold_reason else "held (no HoldReason given)"
         if self.status in (RUNNING, TRANSFERRING_OUTPUT, SUSPENDED):
             where = f" on slot {self.remote_host}" if self.remote_host else ""
-            state = {RUNNING: "running", TRANSFERRING_OUTPUT: "transferring output", SUSPENDED: "suspended"}[self.status]
-            return f"{state}{where}"
+            return f"{STATUS_NAMES[self.status]}{where}"
         if self.status == COMPLETED:
             return "completed"
         if self.status == REMOVED:
@@ -174,7 +173,7 @@ def analyze_job(job_ad: classads.ClassAd, slot_ads: Sequence[classads.ClassAd]) 
         remote_host=_text(job_ad, "RemoteHost"),
         requirements=None if requirements is None else repr(requirements),
         slots=len(slot_ads),
-        clauses=tuple(Clause(repr(part), count) for part, count in zip(parts, rejects)),
+        clauses=tuple(Clause(repr(part).strip(), count) for part, count in zip(parts, rejects)),
         matching=matching,
         refusing=refusing,
         claimed=claimed,

@@ -2,10 +2,11 @@
 
 How a job runs::
 
-    startd (subreaper) ==pipe== launcher (child subreaper, one per startd, gwms.startd.launcher)
-                                    `--fork--> wrapper (session leader, child subreaper)
-                                                  `--fork, identity switch, exec--> job (own group)
-                                                                                      `--> ...
+    startd (subreaper) ==pipes== launcher (child subreaper, one per startd: gwms.startd.launcher)
+                                    `--fork--> wrapper (session leader, child subreaper; one job
+                                                  |     at a time, reused)
+                                                  `--posix_spawn (or fork, identity switch,
+                                                     exec)--> job (own process group) --> ...
 
 The startd never forks for a job. ``Launcher`` (below) keeps one small launcher process per
 startd, started the first time a job starts and again whenever it has died; JobProcess sends it
@@ -15,21 +16,25 @@ plugin's ``launch`` said: uid, gid, groups) and gets back, as JSON lines:
 - ``start``: the wrapper's pid (the job's session id) and the job's pid, or why exec failed;
 - ``exit``: the job's wait status and exact rusage when its main process ends, and whether any
   process of the job is left (``done``: none is; ``leftovers``: some are);
-- ``done`` (after ``leftovers``): ``RUSAGE_CHILDREN`` once the wrapper has no children left;
+- ``done`` (after ``leftovers``): the rusage of everything reaped, once nothing is left;
 - ``lost``: the wrapper ended without reporting (it was killed).
 
-Why a wrapper per job, forked by the launcher rather than a new interpreter: it is a child
-subreaper, so a job's daemonized descendants (double fork, setsid, scrubbed environment) are
-reparented to *it*, and "nothing of the job is left" is "the wrapper has no children", known
-without looking at /proc. Its ``wait4`` gives exact CPU times for everything it reaped and the
-largest single process's peak RSS.
+When the job has finished, JobProcess *releases* it: only then may its wrapper serve another
+job, so a wrapper's session holds one job's processes at a time.
 
-So a job that leaves nothing behind costs the startd two short records and no /proc scan. Only
-when the wrapper reports leftovers, when ``kill`` is called, or when the wrapper or the launcher
-is lost, does the starter walk /proc for the job's processes (descendants of the wrapper,
-members of its session, holders of ``GWMS_JOB_MARKER=<marker>``, processes seen before) and
-SIGKILL them, with pidfds and start-time checks so that a reused pid is never hit; the wrapper
-reaps them and then reports ``done``.
+Why a wrapper, forked by the launcher (and reused) rather than a new interpreter per job: it is
+a child subreaper, so a job's daemonized descendants (double fork, setsid, scrubbed environment)
+are reparented to *it*, and "nothing of the job is left" is "the wrapper has no children",
+known without looking at /proc. Its ``wait4`` gives exact CPU times for everything it reaped
+and the largest single process's peak RSS. See ``gwms.startd.launcher`` for the details.
+
+So a job that leaves nothing behind costs the startd a request, two short records and a
+release: no fork, no /proc scan. Only when the wrapper reports leftovers, when ``kill`` is
+called, or when the wrapper or the launcher is lost, does the starter walk /proc for the job's
+processes (descendants of the wrapper, members of its session, holders of
+``GWMS_JOB_MARKER=<marker>``, processes seen before) and SIGKILL them, with pidfds and
+start-time checks so that a reused pid is never hit; the wrapper reaps them and then reports
+``done``.
 
 What is sampled: every ``sample_interval`` (the first time one interval after the start, so a
 short job is never sampled) the starter reads the job's processes below the wrapper through
@@ -319,7 +324,9 @@ class _LauncherProtocol(ProcessProtocol):
 
     def __init__(self, owner: Launcher) -> None:
         self.owner = owner
+        self.pid: int | None = None  # kept: the transport forgets it once the process has ended
         self.jobs: dict[int, JobProcess] = {}
+        self.wrappers: set[int] = set()  # pids of its wrappers, from the jobs' start records
         self.exited = False
         self._buffer = b""
         self._errors = b""
@@ -331,17 +338,19 @@ class _LauncherProtocol(ProcessProtocol):
         self._buffer += data
         *lines, self._buffer = self._buffer.split(b"\n")
         if len(self._buffer) > self.max_line:
-            _log.warn("launcher {pid}: dropping an overlong record", pid=self.transport.pid)
+            _log.warn("launcher {pid}: dropping an overlong record", pid=self.pid)
             self._buffer = b""
         for line in lines:
             try:
                 record = json.loads(line)
             except ValueError:
-                _log.warn("launcher {pid}: ignoring a malformed record", pid=self.transport.pid)
+                _log.warn("launcher {pid}: ignoring a malformed record", pid=self.pid)
                 continue
             job = self.jobs.get(record.get("id")) if isinstance(record, dict) else None
             if job is None:
                 continue  # a job that has finished (or was never ours)
+            if record.get("event") == "start" and isinstance(record.get("pid"), int):
+                self.wrappers.add(record["pid"])
             try:
                 job._on_record(record)
             except Exception:  # noqa: BLE001 - one job's bug must not stop the others' reports
@@ -385,6 +394,8 @@ class Launcher:
         self._alive: set[_LauncherProtocol] = set()  # started and not yet ended
         self._next_id = 0
         self.starts = 0  # how many launcher processes were started: 1 unless one died
+        self._orphans: set[int] = set()  # wrappers of a dead launcher, possibly our children now
+        self._orphan_reaper: LoopingCall | None = None
 
     @classmethod
     def shared(cls, reactor: Any) -> Launcher:
@@ -398,9 +409,9 @@ class Launcher:
     def pid(self) -> int | None:
         """The current launcher process, if one is running."""
         protocol = self._protocol
-        if protocol is None or protocol.exited or protocol.transport is None:
+        if protocol is None or protocol.exited:
             return None
-        return protocol.transport.pid
+        return protocol.pid
 
     def spawn(self, job: JobProcess, request: Mapping[str, Any]) -> int:
         """Ask the launcher to start ``job`` (``request``: argv, env, cwd, stdin, stdout, stderr,
@@ -419,9 +430,12 @@ class Launcher:
             if job_id in protocol.jobs and not protocol.exited:
                 protocol.send({"op": "kill_wrapper", "id": job_id})
 
-    def forget(self, job_id: int) -> None:
+    def release(self, job_id: int) -> None:
+        """The job has finished: no more records for it, and its wrapper may serve another job
+        (once nothing of this one is left)."""
         for protocol in self._alive:
-            protocol.jobs.pop(job_id, None)
+            if protocol.jobs.pop(job_id, None) is not None and not protocol.exited:
+                protocol.send({"op": "release", "id": job_id})
 
     def stop(self) -> None:
         """Close the launcher's input: it SIGKILLs what still runs and exits. The next spawn
@@ -440,10 +454,11 @@ class Launcher:
         env = {k: v for k, v in os.environ.items() if k in ("LANG", "LANGUAGE") or k.startswith("LC_")}
         self._reactor.spawnProcess(protocol, self._argv[0], self._argv, env=env,
                                    childFDs={0: "w", 1: "r", 2: "r"})
+        protocol.pid = protocol.transport.pid
         self._protocol = protocol
         self._alive.add(protocol)
         self.starts += 1
-        _log.info("started job launcher {pid}", pid=protocol.transport.pid)
+        _log.info("started job launcher {pid}", pid=protocol.pid)
         return protocol
 
     def _ended(self, protocol: _LauncherProtocol, reason: Failure) -> None:
@@ -451,7 +466,7 @@ class Launcher:
         if self._protocol is protocol:
             self._protocol = None
         jobs, protocol.jobs = protocol.jobs, {}
-        pid = getattr(protocol.transport, "pid", None) or "?"
+        pid = protocol.pid
         value = getattr(reason, "value", None)
         how = (f"killed by signal {value.signal}" if getattr(value, "signal", None) is not None
                else f"exit code {getattr(value, 'exitCode', None)}")
@@ -465,6 +480,32 @@ class Launcher:
                 job._launcher_lost(f"the job launcher (pid {pid}) ended: {how}")
             except Exception:  # noqa: BLE001
                 _log.failure("job {marker}: handling the launcher's end failed", marker=job.marker)
+        # Its wrappers are orphans now: reparented to us if the startd is a subreaper (as it is
+        # in service), and then ours to reap when they end (an idle one ends at once: its
+        # request pipe has closed), or they would stay zombies for the startd's lifetime.
+        self._orphans |= protocol.wrappers
+        if self._orphans and self._orphan_reaper is None:
+            self._orphan_reaper = LoopingCall(self._reap_orphans)
+            self._orphan_reaper.clock = self._reactor
+            self._orphan_reaper.start(1.0, now=False)
+
+    def _reap_orphans(self) -> None:
+        twisted_pids = _twisted_owned_pids()
+        for pid in list(self._orphans):
+            if pid in twisted_pids:  # reaped by init long ago, the number now Twisted's child's
+                self._orphans.discard(pid)
+                continue
+            try:
+                # Safe with a bare pid: a child of ours cannot be reused until we reap it, and
+                # waitpid() on anybody else's fails.
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid  # not (or no longer) our child: init's to reap
+            if done:
+                self._orphans.discard(pid)
+        if not self._orphans and self._orphan_reaper is not None:
+            self._orphan_reaper.stop()
+            self._orphan_reaper = None
 
 
 def _ru(value: Any) -> tuple[float, float, int] | None:
@@ -496,10 +537,11 @@ def _launch_request(spec: Any, marker: str, sandbox: Path, stdin: Path | None, s
     return {
         "argv": argv,
         "env": env,
-        "cwd": os.fspath(sandbox),
-        "stdin": os.fspath(stdin) if stdin is not None else None,
-        "stdout": os.fspath(stdout),
-        "stderr": os.fspath(stderr),
+        # Absolute: relative paths mean what they mean here, not in the launcher's directory.
+        "cwd": os.path.abspath(sandbox),
+        "stdin": os.path.abspath(stdin) if stdin is not None else None,
+        "stdout": os.path.abspath(stdout),
+        "stderr": os.path.abspath(stderr),
         "uid": _optional_int(getattr(spec, "uid", None), "uid"),
         "gid": _optional_int(getattr(spec, "gid", None), "gid"),
         "groups": None if groups is None else [_optional_int(g, "group") for g in groups],
@@ -509,11 +551,13 @@ def _launch_request(spec: Any, marker: str, sandbox: Path, stdin: Path | None, s
 class JobProcess:
     """One job's processes, from spawn to the last descendant.
 
-    ``pid`` is the job's wrapper (session leader, the root of the tree) and ``job_pid`` the
-    job's own main process; both are known once the launcher has reported the start, shortly
-    after ``start`` (None until then). ``finished`` fires with a JobResult once the main
-    process has exited AND every process of the job is gone (killed); it never errbacks.
-    ``launcher`` defaults to the one shared by every job on the reactor."""
+    ``pid`` (also ``job_pid``) is the job's main process and ``wrapper_pid`` its wrapper (the
+    leader of the job's session, a process of the launcher's that serves one job at a time);
+    both are known once the launcher has reported the start, shortly after ``start`` (None
+    until then, and ``pid`` stays None if the command could not be executed). ``finished``
+    fires with a JobResult once the main process has exited AND every process of the job is
+    gone (killed); it never errbacks. ``launcher`` defaults to the one shared by every job on
+    the reactor."""
 
     cleanup_poll = 0.01           # first re-check after killing leftovers; doubles up to the max
     cleanup_poll_max = 0.2
@@ -546,13 +590,15 @@ class JobProcess:
         self.finished: Deferred[JobResult] = Deferred()
         self.pid: int | None = None
         self.job_pid: int | None = None
+        self.wrapper_pid: int | None = None
         self._result: JobResult | None = None
         self._waiters: list[Deferred[JobResult]] = []
         self._sampler: LoopingCall | None = None
         self._started_at: float | None = None
         self._ended_at: float | None = None
-        # True once the wrapper said "done" or was lost: from then on its pid (and so its
-        # session id) may be reused by anybody, and is no longer a way to find the job.
+        # True once the wrapper said "done" or was lost: from then on its pid and session id
+        # are no longer a way to find the job (the wrapper may serve another job once released,
+        # or have been reaped and its pid reused).
         self._wrapper_done = False
         self._lost = False
         self._lost_status: int | None = None
@@ -636,17 +682,17 @@ class JobProcess:
 
     def _sample(self) -> None:
         try:
-            if self.pid is None or self._wrapper_done or self._cleanup_started is not None:
+            if self.wrapper_pid is None or self._wrapper_done or self._cleanup_started is not None:
                 return  # not started yet, or ending: the reports and the cleanup scans take over
             if not _HAVE_CHILDREN:
                 self._scan()
                 return
-            wrapper = _read_stat(self.pid)
+            wrapper = _read_stat(self.wrapper_pid)
             # Still our wrapper (a session leader whose parent is the launcher)? It may have
             # ended a moment ago, with its last report still on its way.
-            if wrapper is None or wrapper.session != self.pid or wrapper.ppid != self._launcher.pid:
+            if wrapper is None or wrapper.session != self.wrapper_pid or wrapper.ppid != self._launcher.pid:
                 return
-            self._record(_tree_below(self.pid))
+            self._record(_tree_below(self.wrapper_pid))
         except Exception:  # noqa: BLE001
             # A broken sample must not stop the sampling (a LoopingCall stops on an error).
             _log.failure("job {marker}: sampling /proc failed", marker=self.marker)
@@ -669,13 +715,13 @@ class JobProcess:
         table = _proc_table()
         roots: list[int] = []
         sessions: list[int] = []
-        if self.pid is not None and not self._wrapper_done:
+        if self.wrapper_pid is not None and not self._wrapper_done:
             # Only until the wrapper is done or lost: until then its pid (and so its session id)
             # cannot belong to anybody else.
-            roots.append(self.pid)
-            sessions.append(self.pid)
+            roots.append(self.wrapper_pid)
+            sessions.append(self.wrapper_pid)
         procs = _job_tree(table, self.marker, roots, sessions, self._known)
-        wrapper = procs.get(self.pid) if self.pid is not None else None
+        wrapper = procs.get(self.wrapper_pid) if self.wrapper_pid is not None else None
         if wrapper is not None:
             if self._wrapper_key is None and not self._wrapper_done:
                 self._wrapper_key = wrapper.key
@@ -697,7 +743,7 @@ class JobProcess:
         for proc in table.values():
             if proc.state == "Z" and proc.ppid == me and (
                     proc.key in self._known or proc.key == self._wrapper_key
-                    or (self.pid is not None and proc.session == self.pid)):
+                    or (self.wrapper_pid is not None and proc.session == self.wrapper_pid)):
                 if twisted_pids is None:
                     twisted_pids = _twisted_owned_pids()
                 if proc.pid in twisted_pids:
@@ -736,9 +782,9 @@ class JobProcess:
         if event == "start":
             pid, job_pid = record.get("pid"), record.get("job_pid")
             if isinstance(pid, int) and pid > 1:
-                self.pid = pid
+                self.wrapper_pid = pid
             if isinstance(job_pid, int) and job_pid > 1:
-                self.job_pid = job_pid
+                self.pid = self.job_pid = job_pid
             error = record.get("exec_error")
             self._exec_error = error if isinstance(error, str) else None
             if self._killing and self._hard_kill is not None:
@@ -765,7 +811,7 @@ class JobProcess:
         elif event == "lost":
             status = record.get("status")
             self._wrapper_lost(status if isinstance(status, int) else None,
-                               f"its wrapper (pid {self.pid}) ended without reporting", pinned=False)
+                               f"its wrapper (pid {self.wrapper_pid}) ended without reporting", pinned=False)
         elif event == "error":
             # Not even forked (the launcher could not): as good as an exec failure.
             self._exec_error = str(record.get("error") or "cannot start the job")
@@ -782,7 +828,7 @@ class JobProcess:
 
     def _wrapper_lost(self, status: int | None, why: str, pinned: bool) -> None:
         self._lost = True
-        if pinned and self.pid is not None and not self._wrapper_done:
+        if pinned and self.wrapper_pid is not None and not self._wrapper_done:
             self._scan()
         self._wrapper_done = True
         if self._exit_status is None:
@@ -827,7 +873,7 @@ class JobProcess:
         elapsed = self._reactor.seconds() - (self._cleanup_started or 0.0)
         if not self._wrapper_done and elapsed >= self.wrapper_patience and not self._wrapper_killed:
             _log.warn("job {marker}: wrapper {pid} did not report in {s} s, killing it",
-                      marker=self.marker, pid=self.pid, s=self.wrapper_patience)
+                      marker=self.marker, pid=self.wrapper_pid, s=self.wrapper_patience)
             self._wrapper_killed = True
             if self._launcher is not None and self._job_id is not None:
                 self._launcher.kill_wrapper(self._job_id)  # its end comes back as "lost"
@@ -841,7 +887,7 @@ class JobProcess:
 
     def _finish(self) -> None:
         if self._launcher is not None and self._job_id is not None:
-            self._launcher.forget(self._job_id)
+            self._launcher.release(self._job_id)
         if self._sampler is not None and self._sampler.running:
             self._sampler.stop()
         if self._hard_kill is not None and self._hard_kill.active():

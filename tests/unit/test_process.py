@@ -19,14 +19,16 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from gwms.interfaces import IIdentitySwitch
-from gwms.plugins.identity import JobIdentity, NoIdentitySwitch
+from gwms.plugins.identity import JobIdentity, LaunchSpec, NoIdentitySwitch
 from gwms.startd.process import (
     JobProcess,
     JobResult,
+    Launcher,
     find_processes,
     remove_sandbox,
     sweep_sandboxes,
@@ -75,10 +77,17 @@ def within(d: Deferred, seconds: float = 10.0) -> Deferred:
     return out
 
 
+def _or_false(predicate: Callable[[], Any]) -> Any:
+    try:
+        return predicate()
+    except FileNotFoundError:  # the launcher opens the job's files as the job starts, not before
+        return False
+
+
 @inlineCallbacks
 def until(predicate: Callable[[], Any], what: str, seconds: float = 10.0):
     deadline = time.monotonic() + seconds
-    while not (value := predicate()):
+    while not (value := _or_false(predicate)):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {seconds} s waiting for {what}")
         yield task.deferLater(reactor, 0.01, lambda: None)
@@ -93,10 +102,11 @@ def sandbox(tmp_path: Path) -> Path:
 
 
 def start_job(sandbox: Path, argv: list[str], env: dict[str, str] | None = None, stdin: Path | None = None,
-              stdout: str = "job.out", stderr: str = "job.err", sample_interval: float = 1.0) -> JobProcess:
-    job = JobProcess(reactor, NoIdentitySwitch(), {}, argv, {"PATH": PATH} if env is None else env, sandbox,
-                     stdin, sandbox / stdout, sandbox / stderr, marker=f"test-{uuid.uuid4().hex}",
-                     sample_interval=sample_interval)
+              stdout: str = "job.out", stderr: str = "job.err", sample_interval: float = 1.0,
+              launcher: Launcher | None = None, switch: Any = None) -> JobProcess:
+    job = JobProcess(reactor, switch or NoIdentitySwitch(), {}, argv, {"PATH": PATH} if env is None else env,
+                     sandbox, stdin, sandbox / stdout, sandbox / stderr, marker=f"test-{uuid.uuid4().hex}",
+                     sample_interval=sample_interval, launcher=launcher)
     job.start()
     return job
 
@@ -257,6 +267,171 @@ def test_usage_so_far_is_sampled_while_the_job_runs(sandbox):
     result = yield within(job.kill(grace=0))
     assert result.exit_signal in (signal.SIGTERM, signal.SIGKILL)  # whichever came first
     assert result.usage.peak_rss_kb >= 40000
+
+
+# ---------------------------------------------------------------------------------------------
+# The launcher: one process per startd that starts every job
+
+
+@pytest.fixture
+def launcher():
+    """A launcher of the test's own, so that killing it cannot disturb any other test."""
+    own = Launcher(reactor)
+    yield own
+    own.stop()
+
+
+def sandboxes(base: Path, n: int) -> list[Path]:
+    paths = [base / f"job{i}" for i in range(n)]
+    for path in paths:
+        path.mkdir()
+    return paths
+
+
+@pytest_twisted.inlineCallbacks
+def test_one_launcher_runs_many_jobs_and_reuses_its_wrappers(tmp_path, launcher):
+    # Every fourth job leaves a daemon behind: its wrapper must come back to serve others only
+    # once that is gone, and the next job must not be hit by the killing.
+    wrappers = set()
+    for i, box in enumerate(sandboxes(tmp_path, 60)):
+        script = f'({SLEEP} 300 &) ; exit {i % 5}' if i % 4 == 0 else f"echo {i}; exit {i % 5}"
+        job, result = yield run_job(box, ["sh", "-c", script], launcher=launcher)
+        assert (result.exit_code, result.exit_signal, result.failure) == (i % 5, None, None)
+        assert result.leftover_processes_killed == (1 if i % 4 == 0 else 0)
+        if i % 4:
+            assert (box / "job.out").read_text() == f"{i}\n"
+        wrappers.add(job.wrapper_pid)
+    assert launcher.starts == 1 and launcher.pid is not None
+    assert len(wrappers) == 1  # one job at a time: the same wrapper every time
+
+
+@pytest_twisted.inlineCallbacks
+def test_jobs_that_cannot_start_leave_the_launcher_serving(tmp_path, launcher):
+    missing, not_executable, symlinked, fine = sandboxes(tmp_path, 4)
+    (not_executable / "script").write_text("#!/bin/sh\nexit 0\n")
+    (not_executable / "script").chmod(0o644)
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    (symlinked / "job.out").symlink_to(precious)
+
+    _, result = yield run_job(missing, ["gwms-no-such-command"], launcher=launcher)
+    assert (result.exit_code, result.exit_signal) == (127, None) and "No such file" in result.exec_error
+    _, result = yield run_job(not_executable, [str(not_executable / "script")], launcher=launcher)
+    assert result.exit_code == 126 and "Permission denied" in result.exec_error
+    assert "cannot execute" in (not_executable / "job.err").read_text()
+    # Output files are opened without following symlinks: the job does not run, the target is
+    # untouched.
+    _, result = yield run_job(symlinked, ["sh", "-c", "echo overwritten"], launcher=launcher)
+    assert result.exit_code == 126 and "open stdout" in result.exec_error
+    assert precious.read_text() == "keep me"
+
+    pid = launcher.pid
+    _, result = yield run_job(fine, ["sh", "-c", "echo fine"], launcher=launcher)
+    assert result.exit_code == 0 and (fine / "job.out").read_text() == "fine\n"
+    assert launcher.pid == pid and launcher.starts == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_launcher_killed_from_outside_is_restarted_and_its_jobs_are_reported_failed(tmp_path, launcher):
+    boxes = sandboxes(tmp_path, 4)
+    jobs = [start_job(box, ["sh", "-c", f"echo ready; exec {SLEEP} 300"], launcher=launcher) for box in boxes[:3]]
+    yield until(lambda: all((box / "job.out").read_text() == "ready\n" for box in boxes[:3]), "the jobs to run")
+    old = launcher.pid
+    os.kill(old, signal.SIGKILL)
+    results = yield within(gatherResults([job.finished for job in jobs]))
+    for job, result in zip(jobs, results, strict=True):
+        assert result.failure is not None and f"launcher (pid {old})" in result.failure
+        assert (result.exit_code, result.exit_signal) == (None, signal.SIGKILL)
+        assert not is_running(job.pid) and not is_running(job.wrapper_pid)
+        assert find_processes(job.marker, [job.pid]) == set() and marker_holders(job.marker) == set()
+    # The next job starts a new launcher.
+    _, result = yield run_job(boxes[3], ["sh", "-c", "exit 7"], launcher=launcher)
+    assert (result.exit_code, result.failure) == (7, None)
+    assert launcher.starts == 2 and launcher.pid not in (None, old)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_wrapper_that_stops_reporting_is_killed_and_its_job_reported_failed(tmp_path, launcher):
+    stuck, fine = sandboxes(tmp_path, 2)
+    job = start_job(stuck, ["sh", "-c", f"echo ready; exec {SLEEP} 300"], launcher=launcher)
+    job.wrapper_patience = 0.2
+    yield until(lambda: (stuck / "job.out").read_text() == "ready\n", "the job to run")
+    os.kill(job.wrapper_pid, signal.SIGSTOP)  # it can neither reap nor report any more
+    result = yield within(job.kill(grace=0))
+    assert result.failure is not None and "wrapper" in result.failure
+    assert result.exit_signal == signal.SIGKILL  # the wrapper's own end: the launcher killed it
+    assert not is_running(job.pid) and not is_running(job.wrapper_pid)
+    _, result = yield run_job(fine, ["true"], launcher=launcher)
+    assert result.exit_code == 0 and launcher.starts == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_ten_jobs_at_once_each_get_their_own_wrapper_and_result(tmp_path, launcher):
+    # Each job waits for a file that appears only once all ten run: they really overlap.
+    go = tmp_path / "go"
+    script = f'echo "$1"; while [ ! -e {go} ]; do {SLEEP} 0.01; done; exit "$1"'
+    seen_wrappers: list[set[int]] = []
+    for round_ in range(2):
+        (tmp_path / f"round{round_}").mkdir()
+        boxes = sandboxes(tmp_path / f"round{round_}", 10)
+        jobs = [start_job(box, ["sh", "-c", script, "sh", str(i)], launcher=launcher) for i, box in enumerate(boxes)]
+        yield until(lambda: all(job.pid is not None for job in jobs), "ten jobs to start")
+        go.touch()
+        results = yield within(gatherResults([job.finished for job in jobs]))
+        go.unlink()
+        assert [r.exit_code for r in results] == list(range(10))
+        assert [(box / "job.out").read_text() for box in boxes] == [f"{i}\n" for i in range(10)]
+        assert len({job.pid for job in jobs}) == 10
+        seen_wrappers.append({job.wrapper_pid for job in jobs})
+        assert len(seen_wrappers[-1]) == 10
+        for job in jobs:
+            assert find_processes(job.marker, [job.pid]) == set()
+    assert seen_wrappers[1] == seen_wrappers[0]  # the second round reused the first one's wrappers
+    assert launcher.starts == 1
+
+
+@implementer(IIdentitySwitch)
+class NobodySwitch:
+    """A test identity switch: runs jobs as nobody, through the launcher's fork path."""
+
+    name = "nobody"
+
+    def prepare_sandbox(self, job: Any, sandbox: Path) -> JobIdentity:
+        os.chown(sandbox, NOBODY, NOBODY)
+        return JobIdentity(uid=NOBODY, gid=NOBODY, user="nobody")
+
+    def launch(self, job: Any, argv: list[str], env: dict[str, str], sandbox: Path) -> LaunchSpec:
+        return LaunchSpec(argv=tuple(argv), env=env, uid=NOBODY, gid=NOBODY, groups=())
+
+
+NOBODY = 65534
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root, to switch to an unprivileged user")
+@pytest_twisted.inlineCallbacks
+def test_an_identity_switch_has_the_launcher_run_the_job_as_its_user(launcher):
+    switch = NobodySwitch()
+    assert verifyObject(IIdentitySwitch, switch)
+    base = Path(tempfile.mkdtemp(prefix="gwms-test-", dir="/tmp"))  # pytest's tmp_path is root's only
+    try:
+        os.chmod(base, 0o755)
+        good, missing, root_only = sandboxes(base, 3)
+        for box in (good, missing):
+            switch.prepare_sandbox({}, box)
+        os.chmod(root_only, 0o700)
+        env = {"PATH": "/usr/bin:/bin"}  # not the test's: it may name directories only root can search
+        _, result = yield run_job(good, ["sh", "-c", "id -u; id -g; id -G"], env=env, launcher=launcher,
+                                  switch=switch)
+        assert result.exit_code == 0
+        assert (good / "job.out").read_text() == f"{NOBODY}\n{NOBODY}\n{NOBODY}\n"
+        assert (good / "job.out").stat().st_uid == NOBODY  # created as the job's user
+        _, result = yield run_job(missing, ["gwms-no-such-command"], env=env, launcher=launcher, switch=switch)
+        assert result.exit_code == 127 and "No such file" in result.exec_error
+        # The sandbox is entered as the job's user, who may not enter this one.
+        _, result = yield run_job(root_only, ["true"], env=env, launcher=launcher, switch=switch)
+        assert result.exit_code == 126 and "enter the sandbox" in result.exec_error
+    finally:
+        shutil.rmtree(base)
 
 
 def test_find_processes_by_marker_and_by_ancestry():
