@@ -42,8 +42,24 @@ import secrets
 from collections.abc import Callable, Iterable, Iterator
 from typing import Final
 
-import classad2
-from classad2 import ClassAdException, Value
+import os
+
+# classad2 has HTCondor's own evaluation mode (unscoped names that an ad lacks are looked up in
+# the match target; HTCondor's extra functions such as stringListMember; MY.x without a target)
+# behind a process-wide switch that importing htcondor2 turns on, and that some classad2 calls
+# turn on as a side effect. Turn it on once, here, so that every gwms process evaluates the way
+# an HTCondor pool does from its first expression on, instead of depending on what ran before.
+# ONLY_ENV keeps htcondor2 from looking for an HTCondor installation's configuration files.
+os.environ.setdefault("CONDOR_CONFIG", "ONLY_ENV")
+import htcondor2  # noqa: E402,F401  (imported for its side effect, see above)
+
+import classad2  # noqa: E402
+from classad2 import ClassAdException, Value  # noqa: E402
+
+# Whether classad2 itself now resolves an unscoped name a match's MY ad lacks in its TARGET.
+# When it does (the usual case), matching evaluates directly; the rewriting below (explicit
+# TARGET. prefixes) is the fallback for a classad2 that cannot be put in that mode.
+_NATIVE_FALL_THROUGH = classad2.ExprTree("Foo").eval(classad2.ClassAd("[a = 1]"), classad2.ClassAd("[Foo = 7]")) == 7
 
 __all__ = [
     "ClassAd",
@@ -1380,7 +1396,7 @@ def _expand(ads: tuple[ClassAd, ClassAd], side: int, names: Iterable[str], pendi
 
 def _eval_match(expr: ExprTree, my: ClassAd | None, target: ClassAd | None, scan: _Scan | None = None) -> object:
     """classad2's value of ``expr`` with MY = my and TARGET = target, with HTCondor's scope rule."""
-    if my is None or target is None or target is my:
+    if _NATIVE_FALL_THROUGH or my is None or target is None or target is my:
         return _eval(expr, my, target)  # no partner to fall through to
     if scan is None:
         scan = _scan(expr)

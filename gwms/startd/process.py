@@ -361,6 +361,9 @@ class _LauncherProtocol(ProcessProtocol):
         # The launcher's own complaints (and a traceback if it crashes): to the startd's log.
         self._errors += data
         *lines, self._errors = self._errors.split(b"\n")
+        if len(self._errors) > self.max_line:
+            lines.append(self._errors)
+            self._errors = b""
         for line in lines:
             _log.warn("launcher: {line}", line=line.decode("utf-8", "replace"))
 
