@@ -52,9 +52,10 @@ class IIdentitySwitch(Interface):
 
     The stock ``none`` plugin runs jobs as the startd's own user; the credentials issue adds
     ``setuid`` and ``glexec``. A switch starts no process itself: the startd's launcher (one
-    small long-lived process per startd, ``gwms.startd.launcher``) forks every job in a new
-    session that the starter tracks, kills and accounts for, and applies there what ``launch``
-    returned: a switch cannot take a job out of the starter's sight."""
+    small long-lived process per startd, ``gwms.startd.launcher``) starts every job under a
+    wrapper of its own (the leader of the job's session, its subreaper) that the starter
+    tracks, kills and accounts for, and applies in the job's process what ``launch`` returned:
+    a switch cannot take a job out of the starter's sight."""
 
     name = Attribute("The name written in configuration, e.g. 'none'.")
 

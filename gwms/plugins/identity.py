@@ -2,9 +2,9 @@
 
 Only the stock ``none`` plugin lives here for now (the credentials issue adds ``setuid`` and
 ``glexec``). A switch does not start processes itself: the startd's launcher
-(``gwms.startd.launcher``) forks every job, in a new session it tracks, and does in the child
-what the switch's ``LaunchSpec`` says (setgroups/setgid/setuid, or a wrapper command in front of
-the job's) before it opens the job's files and execs it."""
+(``gwms.startd.launcher``) starts every job under a wrapper that leads the job's session, and
+does in the job's process what the switch's ``LaunchSpec`` says (setgroups/setgid/setuid, or a
+wrapper command in front of the job's) before it opens the job's files and execs it."""
 
 from __future__ import annotations
 

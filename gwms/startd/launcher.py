@@ -154,7 +154,11 @@ def _reason(e: BaseException) -> str:
 
 
 def _exec_message(argv: list[str], e: BaseException) -> str:
-    return "cannot execute %r: %s" % (argv[0], _reason(e))
+    return f"cannot execute {argv[0]!r}: {_reason(e)}"
+
+
+def _setup_message(step: str, argv: list[str], e: BaseException) -> str:
+    return f"cannot {step} for {argv[0]!r}: {_reason(e)}"
 
 
 def _exec_code(e: BaseException) -> int:
@@ -198,7 +202,7 @@ def _spawn_direct(req: dict) -> tuple[int | None, str | None, int]:
     try:
         fd_in, fd_out, fd_err = _enter_sandbox(req)
     except _SetupError as e:
-        return None, "cannot %s for %r: %s" % (e.step, argv[0], _reason(e.error)), 126
+        return None, _setup_message(e.step, argv, e.error), 126
     try:
         env = req["env"]
         # posix_spawnp searches the *caller's* PATH: make it the job's, as execvpe would.
@@ -281,7 +285,7 @@ def _job_child(req: dict, error_w: int) -> None:
         if step == "execute":
             message, code = _exec_message(argv, e), _exec_code(e)
         else:
-            message, code = "cannot %s for %r: %s" % (step, argv[0], _reason(e)), 126
+            message, code = _setup_message(step, argv, e), 126
         try:
             os.write(error_w, message.encode("utf-8", "replace")[:2000])
             if stdio_ready:
@@ -458,8 +462,9 @@ class Launcher:
                 job.released = True
                 self.recycle(job)
         elif op == "kill_wrapper":
-            # Only while the wrapper is still this job's and not reaped: then the pid is it.
-            if job is not None and job.wrapper.job is job and job.wrapper.pid in self.wrappers:
+            # Only while the wrapper is still this job's and not reaped (then the pid is it),
+            # and not once it has said "done" (then it is fine, and soon another job's).
+            if job is not None and not job.done and job.wrapper.job is job and job.wrapper.pid in self.wrappers:
                 try:
                     os.kill(job.wrapper.pid, signal.SIGKILL)
                 except ProcessLookupError:

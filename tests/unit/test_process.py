@@ -375,7 +375,7 @@ def test_ten_jobs_at_once_each_get_their_own_wrapper_and_result(tmp_path, launch
         (tmp_path / f"round{round_}").mkdir()
         boxes = sandboxes(tmp_path / f"round{round_}", 10)
         jobs = [start_job(box, ["sh", "-c", script, "sh", str(i)], launcher=launcher) for i, box in enumerate(boxes)]
-        yield until(lambda: all(job.pid is not None for job in jobs), "ten jobs to start")
+        yield until(lambda jobs=jobs: all(job.pid is not None for job in jobs), "ten jobs to start")
         go.touch()
         results = yield within(gatherResults([job.finished for job in jobs]))
         go.unlink()
