@@ -111,9 +111,12 @@ class Shadow:
                                 "ShadowBday": int(now)})
         queue.commit()  # durable before the job can start anywhere
         try:
-            yield self.call("ACTIVATE_CLAIM", _with(JobAd=job))
-            yield self.send_input(job, account)
-            yield self.call("START_JOB", classads.ClassAd())
+            inputs = self.input_files(job)
+            # Without an input sandbox the job starts with its activation (one round trip).
+            yield self.call("ACTIVATE_CLAIM", _with(JobAd=job, StartNow=not inputs))
+            if inputs:
+                yield self.send_input(job, account, inputs)
+                yield self.call("START_JOB", classads.ClassAd())
         except (JobProblem, TransferError, userfiles.UserFileError) as e:
             yield self._abandon_start(job)
             schedd.hold(self.job_id, f"Error before the job started: {e}", code=13)
@@ -162,9 +165,10 @@ class Shadow:
         return files
 
     @defer.inlineCallbacks
-    def send_input(self, job: classads.ClassAd, account: userfiles.Account) -> Any:
+    def send_input(self, job: classads.ClassAd, account: userfiles.Account,
+                   files: list[tuple[Path, bool]]) -> Any:
         seen: set[str] = set()
-        for path, executable in self.input_files(job):
+        for path, executable in files:
             name = path.name
             if name in seen:
                 continue
@@ -265,7 +269,7 @@ class Shadow:
         job = queue.job(self.job_id)
         account = schedd.account_of(job)
         try:
-            yield self.fetch_output(job, account)
+            yield self.fetch_output(job, account, status.get("Outputs"))
         except (JobProblem, TransferError, userfiles.UserFileError) as e:
             yield self._deactivate()
             schedd.hold(self.job_id, f"Error transferring output: {e}", code=12)
@@ -289,12 +293,18 @@ class Shadow:
         return not reply.get("Released", False)
 
     @defer.inlineCallbacks
-    def fetch_output(self, job: classads.ClassAd, account: userfiles.Account) -> Any:
-        final, items = yield self.claim.client.call("LIST_OUTPUT", _with(ClaimId=self.claim.claim_id), "DAEMON",
-                                                    stream=True)
+    def fetch_output(self, job: classads.ClassAd, account: userfiles.Account, listing: Any = None) -> Any:
+        """Bring the output sandbox back, written as the job's owner. The exit status usually
+        carries the listing and small files inline; otherwise ask for it (LIST_OUTPUT) and
+        fetch in chunks (GET_FILE)."""
+        if isinstance(listing, list) and all(isinstance(e, classads.ClassAd) for e in listing):
+            entries = listing
+        else:
+            final, items = yield self.claim.client.call("LIST_OUTPUT", _with(ClaimId=self.claim.claim_id),
+                                                        "DAEMON", stream=True)
+            entries = [classads.decode(raw) for raw in items]
         iwd = Path(str(job.get("Iwd", "/")))
-        for raw in items:
-            entry = classads.decode(raw)
+        for entry in entries:
             name = str(entry.get("Name"))
             target = self._output_path(job, iwd, name)
             if target is None:
@@ -307,7 +317,11 @@ class Shadow:
             try:
                 digest = hashlib.sha256()
                 offset = 0
-                while True:
+                if "Data" in entry:  # small enough to have come inline
+                    data = decode_chunk(entry.get("Data"))
+                    out.write(data)
+                    digest.update(data)
+                while "Data" not in entry:
                     reply = yield self.call("GET_FILE", _with(Name=name, Offset=offset, Length=CHUNK))
                     data = decode_chunk(reply.get("Data", ""))
                     out.write(data)
