@@ -189,6 +189,16 @@ class _FramedProtocol(Protocol, TimeoutMixin):
     def frameError(self, error: FrameError) -> None:
         raise NotImplementedError
 
+    def no_delay(self) -> None:
+        """Request/reply traffic of small frames: without TCP_NODELAY, Nagle's algorithm and
+        delayed ACKs hold many replies back by tens of milliseconds."""
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError:
+                pass
+
     def close(self) -> None:
         self.flush()
         self.closing = True
@@ -231,6 +241,8 @@ class ServerProtocol(_FramedProtocol):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.local = not hasattr(peer, "host")
+        if not self.local:
+            self.no_delay()
         self.peer_host = "local" if self.local else peer.host
         self.setTimeout(self.limits.handshake_timeout)
         self.factory.connections.add(self)
@@ -499,6 +511,8 @@ class ClientProtocol(_FramedProtocol):
 
     def connectionMade(self) -> None:
         self.local = not hasattr(self.transport.getPeer(), "host")
+        if not self.local:
+            self.no_delay()
         policy = self.security.levels[self.level]
         hello = classads.ClassAd()
         hello["Level"] = self.level
