@@ -25,6 +25,11 @@ sys.path.insert(0, str(ROOT / "tests" / "integration"))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -59,11 +64,10 @@ def follow_queue(config: Path, schedd_pid: int, started: float) -> list[tuple[in
         schedd = ScheddClient(reactor, default_schedd_address(host_config),
                               ClientSecurity.from_config(load_config(config)))
         while time.perf_counter() - started < 900:
-            jobs = yield schedd.query(projection=["JobStatus"])
-            running = sum(1 for j in jobs if j.get("JobStatus") == 2)
-            if running:
-                samples.append((running, rss_kb(schedd_pid)))
-            if not jobs:
+            counts = yield schedd.summary()
+            if counts["Running"]:
+                samples.append((counts["Running"], rss_kb(schedd_pid)))
+            if not counts["Count"]:
                 break
             yield task.deferLater(reactor, 0.05, lambda: None)
         schedd.close()
@@ -84,7 +88,7 @@ def memory_per_running_job(n: int, jobdir: Path, env: dict[str, str], schedd_pid
         return json.loads(q.stdout or "[]")
 
     (jobdir / "sleep.sub").write_text(f"executable = /bin/sleep\narguments = 900\ntransfer_executable = false\n"
-                                      f"request_memory = 1\nqueue {n}\n")
+                                      f"request_memory = 1\nrequest_disk = 1024\nqueue {n}\n")
     baseline = rss_kb(schedd_pid)
     subprocess.run([sys.executable, "-m", "gwms", "submit", str(jobdir / "sleep.sub")], env=env, check=True,
                    capture_output=True)
@@ -151,6 +155,7 @@ def main() -> None:
             print(json.dumps(result, indent=2))
         return
     try:
+        cpu0 = {role: cpu_seconds(p.pid) for role, p in procs.items()}
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "gwms", "submit", str(jobdir / "true.sub")], env=env, check=True,
                        capture_output=True)
@@ -159,6 +164,9 @@ def main() -> None:
         elapsed = time.perf_counter() - t0
         result["seconds"] = round(elapsed, 2)
         result["jobs_per_s"] = round(args.jobs / elapsed, 1)
+        # CPU (including reaped children: the startd's launcher and the jobs) per job, per daemon
+        result["cpu_ms_per_job"] = {role: round((cpu_seconds(p.pid) - cpu0[role]) * 1000 / args.jobs, 2)
+                                    for role, p in procs.items()}
         result["schedd_rss_kb"] = rss_kb(procs["schedd"].pid)
         if samples:
             running, rss = max(samples)

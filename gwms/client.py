@@ -77,6 +77,12 @@ class ScheddClient:
                                                            Owner=owner, Limit=limit), "READ", stream=True)
         return [classads.decode(raw) for raw in items]
 
+    @defer.inlineCallbacks
+    def summary(self, owner: str | None = None) -> Any:
+        """Counts of the queue's jobs: an ad with Count, Idle, Running, Held."""
+        final, _items = yield self.client.call("QUERY_JOBS", _ad(Summary=True, Owner=owner), "READ", stream=True)
+        return final
+
     def act(self, action: str, job_ids: Sequence[str] = (), constraint: str | None = None,
             reason: str | None = None) -> defer.Deferred[Any]:
         """remove, hold or release jobs by id ("12.0", or "12" for a whole cluster) or constraint;

@@ -183,6 +183,11 @@ class Schedd:
     # -- queries and actions --------------------------------------------------------------------
     def query_jobs(self, request: Request) -> Items:
         constraint, projection, owner = self._query_args(request)
+        if request.ad.get("Summary", False) and constraint is None:
+            # Counts by status only: what progress displays poll for, without building ads.
+            counts = self.queue.count_by_status(owner=owner)
+            return Items([], _ad(Count=sum(counts.values()), Idle=counts.get(IDLE, 0),
+                                 Running=counts.get(RUNNING, 0), Held=counts.get(HELD, 0)))
         items = []
         for _job_id, job in self.queue.jobs(constraint, owner=owner):
             items.append(classads.project(job, projection) if projection else job)
