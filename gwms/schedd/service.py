@@ -16,6 +16,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from gwms import classads, eventlog, userfiles
 from gwms.config import HostConfig
@@ -69,6 +70,7 @@ class Schedd:
         self._autoclusters: dict[tuple[Any, ...], int] = {}
         self._job_autocluster: dict[tuple[int, int], int] = {}
         self._commit_pending = False
+        self._retiring: list[tuple[tuple[int, int], defer.Deferred[None]]] = []
 
     # -- who is asking ------------------------------------------------------------------------
     def user_of(self, request: Request) -> str:
@@ -110,6 +112,8 @@ class Schedd:
             log.warn("cannot write event log {path}: {error}", path=str(path), error=str(e))
 
     def event_for(self, job_id: tuple[int, int], make: Any) -> None:
+        if not self.queue.get(job_id, "UserLog"):
+            return  # most jobs have no event log: do not build their ads for nothing
         job = self.queue.job(job_id)
         if job is not None:
             self.event(job, make(self.reactor.seconds()))
@@ -323,7 +327,28 @@ class Schedd:
         if self.poke_negotiator is not None:
             self.poke_negotiator()
 
-    def complete(self, job_id: tuple[int, int], status: classads.ClassAd) -> None:
+    def retire_soon(self, job_id: tuple[int, int]) -> defer.Deferred[None]:
+        """Move a finished job to the history durably, together with every other job that
+        finished in the same reactor turn (one fsync for all); fires once it is on disk."""
+        d: defer.Deferred[None] = defer.Deferred()
+        if not self._retiring:
+            self.reactor.callLater(0, self._retire_batch)
+        self._retiring.append((job_id, d))
+        return d
+
+    def _retire_batch(self) -> None:
+        batch, self._retiring = self._retiring, []
+        try:
+            self.queue.retire([job_id for job_id, _ in batch])
+        except Exception:
+            failure = Failure()
+            for _, d in batch:
+                d.errback(failure)
+            return
+        for _, d in batch:
+            d.callback(None)
+
+    def complete(self, job_id: tuple[int, int], status: classads.ClassAd) -> defer.Deferred[None]:
         queue = self.queue
         now = self.reactor.seconds()
         start = queue.get(job_id, "JobCurrentStartDate") or now
@@ -339,8 +364,8 @@ class Schedd:
             *job_id, t, exit_code=status.get("ExitCode") if not values["ExitBySignal"] else None,
             exit_signal=status.get("ExitSignal") if values["ExitBySignal"] else None,
             user_cpu=float(status.get("RemoteUserCpu", 0)), sys_cpu=float(status.get("RemoteSysCpu", 0))))
-        queue.retire([job_id])
         self._forget_autocluster(job_id)
+        return self.retire_soon(job_id)
 
     # -- negotiation --------------------------------------------------------------------------
     def _autocluster_of(self, job_id: tuple[int, int]) -> int:

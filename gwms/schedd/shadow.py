@@ -281,7 +281,7 @@ class Shadow:
         except ConnectionFailed as e:
             schedd.requeue(self.job_id, f"lost the startd while fetching output: {e}")
             return False
-        schedd.complete(self.job_id, status)
+        yield schedd.complete(self.job_id, status)  # durable before the starter forgets the job
         return (yield self._deactivate())
 
     @defer.inlineCallbacks
