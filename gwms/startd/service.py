@@ -256,9 +256,8 @@ class Startd:
         claim.job_id = f"{job.get('ClusterId')}.{job.get('ProcId')}"
         claim.job_lease = float(_positive(job.get("JobLeaseDuration"), 2400))
         claim.lease_deadline = self.reactor.seconds() + claim.job_lease
-        # Busy/Idle within a claim goes out with the periodic update, not at once: with claim
-        # reuse that would be two collector updates per job for no decision anyone takes.
         self._set_state(claim.slot, "Claimed", "Busy")
+        self._changed(claim.slot)
         if request.ad.get("StartNow", False):
             # A job with no input sandbox starts with its activation: one round trip fewer.
             return self._start(claim)
@@ -413,6 +412,7 @@ class Startd:
                 log.warn("sandbox cleanup failed ({error}); the startd sweeps it later", error=str(e))
         if claim.slot.claim is claim:
             self._set_state(claim.slot, "Claimed", "Idle")
+            self._changed(claim.slot)
 
     def release_command(self, request: Request) -> Any:
         claim = self.claim_for(request)
