@@ -551,6 +551,16 @@ def _launch_request(spec: Any, marker: str, sandbox: Path, stdin: Path | None, s
     }
 
 
+def check_job_arguments(argv: list[str], marker: str, sample_interval: float) -> None:
+    """What every JobProcess (and gwms.testing's fake) refuses to start with."""
+    if not argv:
+        raise ValueError("a job needs a command: argv is empty")
+    if not marker or "\0" in marker or "\n" in marker:
+        raise ValueError(f"bad job marker {marker!r}: it must be non-empty, without NUL or newline")
+    if sample_interval <= 0:
+        raise ValueError(f"sample_interval must be positive, not {sample_interval!r}")
+
+
 class JobProcess:
     """One job's processes, from spawn to the last descendant.
 
@@ -570,12 +580,7 @@ class JobProcess:
     def __init__(self, reactor: Any, switch: Any, job: Any, argv: list[str], env: Mapping[str, str],
                  sandbox: Path, stdin: Path | None, stdout: Path, stderr: Path, marker: str,
                  sample_interval: float = 1.0, launcher: Launcher | None = None) -> None:
-        if not argv:
-            raise ValueError("a job needs a command: argv is empty")
-        if not marker or "\0" in marker or "\n" in marker:
-            raise ValueError(f"bad job marker {marker!r}: it must be non-empty, without NUL or newline")
-        if sample_interval <= 0:
-            raise ValueError(f"sample_interval must be positive, not {sample_interval!r}")
+        check_job_arguments(argv, marker, sample_interval)
         self._reactor = reactor
         self._switch = switch
         self._job = job

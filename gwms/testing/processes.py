@@ -28,7 +28,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 
 from gwms import classads
-from gwms.startd.process import JobResult, Usage
+from gwms.startd.process import JobResult, Usage, check_job_arguments
 
 __all__ = ["FAKE_PEAK_RSS_KB", "FakeJobProcess", "fake_output_content"]
 
@@ -77,12 +77,7 @@ class FakeJobProcess:
                  sandbox: Path, stdin: Path | None, stdout: Path, stderr: Path, marker: str,
                  sample_interval: float = 1.0) -> None:
         # The same argument checks as the real one: code that passes the fake must pass it too.
-        if not argv:
-            raise ValueError("a job needs a command: argv is empty")
-        if not marker or "\0" in marker or "\n" in marker:
-            raise ValueError(f"bad job marker {marker!r}: it must be non-empty, without NUL or newline")
-        if sample_interval <= 0:
-            raise ValueError(f"sample_interval must be positive, not {sample_interval!r}")
+        check_job_arguments(argv, marker, sample_interval)
         self._reactor = reactor
         self._switch = switch
         self._job = job
