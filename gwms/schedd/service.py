@@ -441,8 +441,8 @@ class Schedd:
         autocluster are alike for matching, so the slot is matched once per autocluster."""
         user = claim.slot_ad.get("RemoteOwner")
         verdicts = claim.autocluster_matches
-        for job_id in self.idle_jobs():
-            if user is not None and self.queue.owner(job_id) != user:
+        for job_id in self.queue.ids(IDLE, owner=user if isinstance(user, str) else None):
+            if job_id in self.starting:
                 continue
             ac = self._autocluster_of(job_id)
             verdict = verdicts.get(ac)
