@@ -98,3 +98,17 @@ def _cmdline(pid: str) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
     except OSError:
         return ""
+
+
+def test_analyze_says_which_clause_keeps_a_job_idle(pool, tmp_path, gwms_cli):
+    jobdir = tmp_path / "jobs"
+    jobdir.mkdir()
+    (jobdir / "big.sub").write_text("executable = /bin/true\ntransfer_executable = false\n"
+                                    "request_memory = 900000\nrequirements = OpSys == \"LINUX\"\nqueue\n")
+    assert gwms_cli("submit", str(jobdir / "big.sub"), env=pool.env).returncode == 0
+    wait_until(lambda: "slot1@wn1" in gwms_cli("status", env=pool.env).stdout, 30, "the slots to be advertised")
+    report = gwms_cli("q", "--analyze", "1.0", env=pool.env)
+    assert report.returncode == 0, report.stderr
+    assert "RequestMemory" in report.stdout and "2 slots" in report.stdout, report.stdout
+    missing = gwms_cli("q", "--analyze", "99.0", env=pool.env)
+    assert missing.returncode == 2 and "job 99.0 not found" in missing.stderr
