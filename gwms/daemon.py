@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, UNIXServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
@@ -123,13 +123,20 @@ class MessageListener(service.Service):
         log.failure("cannot listen", failure)
         self.reactor.callLater(0, self.reactor.stop)
 
-    def stopService(self) -> defer.Deferred[Any]:
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        """Stop listening, then close every connection cleanly (what was written, a reply
+        telling a shadow its job was evicted say, still reaches the peer), waiting up to a few
+        seconds for the peers to see it."""
         super().stopService()
+        yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports])
         for proto in list(self.factory.connections):
+            proto.flush()
             proto.transport.loseConnection()
-        stops = [defer.maybeDeferred(p.stopListening) for p in self.ports]
+        deadline = self.reactor.seconds() + 5.0
+        while self.factory.connections and self.reactor.seconds() < deadline:
+            yield task.deferLater(self.reactor, 0.05, lambda: None)
         self.factory.security.auditor.close()
-        return defer.gatherResults(stops)
 
 
 def message_factory(reactor: Any, config: HostConfig, commands: Iterable[Command]) -> MessageServerFactory:

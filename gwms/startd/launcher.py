@@ -656,9 +656,9 @@ class Launcher:
     def run(self) -> int:
         _subreaper()
         _ignore_signals()
-        # An admin's SIGTERM may end the launcher (the startd then starts another); the
-        # wrappers ignore it.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # SIGTERM is ignored: a stop of the startd's whole process group (systemd, a test,
+        # a shell) must not take the jobs down before the startd's graceful shutdown does.
+        # The launcher follows the startd's life through its stdin (EOF: jobs killed, exit).
         self.report_r, self.report_w = os.pipe()  # not inherited by exec'ed jobs (PEP 446)
         self.wake_r, self.wake_w = os.pipe()
         for fd in (self.requests, self.report_r, self.wake_r, self.wake_w):

@@ -308,7 +308,12 @@ class Startd:
         result = starter.result if starter is not None else None
         ad["Running"] = bool(starter is not None and starter.running)
         usage = None
-        if result is not None and hasattr(result, "usage"):
+        if result is not None and getattr(result, "failure", None):
+            # The startd lost the job (its launcher died): not the job's own exit. The shadow
+            # puts it back in the queue.
+            ad["Evicted"] = True
+            ad["Reason"] = f"the startd lost the job: {result.failure}"
+        elif result is not None and hasattr(result, "usage"):
             ad["Exited"] = True
             ad["ExitBySignal"] = result.exit_signal is not None
             if result.exit_signal is not None:
@@ -571,8 +576,6 @@ class StartdService(service.MultiService):
             if loop.running:
                 loop.stop()
         yield self.startd.shutdown(self.grace)
-        # Let the evictions the shadows were told about reach them before connections close.
-        yield task.deferLater(self.reactor, 0.2, lambda: None)
         for slot in list(self.startd.slots.values()):
             self.invalidate(slot)
         for claim in list(self.startd.claims.values()):
