@@ -193,3 +193,17 @@ def test_wait_job_times_out_with_running_status_and_shutdown_evicts(tmp_path):
     pending = s.wait_job(FakeRequest(ad(ClaimId=claim_id, Timeout=20)))
     s.shutdown(grace=0)
     assert pending.result["Evicted"] is True and "shutting down" in pending.result["Reason"]
+
+
+def test_a_job_the_startd_lost_is_reported_as_evicted_not_as_exited(tmp_path):
+    from gwms.startd.process import JobResult, Usage
+
+    clock, s = startd(tmp_path)
+    claim_id = s.request_claim(FakeRequest(ad(ClaimId=capability(s), JobAd=job(), Schedd="x")))["ClaimId"]
+    claim = _run_job(s, claim_id, job())
+    d = s.wait_job(FakeRequest(ad(ClaimId=claim_id, Timeout=20)))
+    claim.starter.process.finished.callback(
+        JobResult(None, 9, Usage(0.0, 0.0, 1.0, 0), 0, failure="the job launcher ended"))
+    status = d.result
+    assert status["Evicted"] is True and "the job launcher ended" in status["Reason"]
+    assert not status.get("Exited", False)
