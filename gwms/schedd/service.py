@@ -71,6 +71,7 @@ class Schedd:
         self._job_autocluster: dict[tuple[int, int], int] = {}
         self._commit_pending = False
         self._retiring: list[tuple[tuple[int, int], defer.Deferred[None]]] = []
+        self._commit_waiters: list[defer.Deferred[None]] = []
 
     # -- who is asking ------------------------------------------------------------------------
     def user_of(self, request: Request) -> str:
@@ -89,9 +90,26 @@ class Schedd:
             self._commit_pending = True
             self.reactor.callLater(0, self._commit)
 
+    def committed(self) -> defer.Deferred[None]:
+        """Fires once every change made so far is on disk: one commit (one fsync) per reactor
+        turn serves every shadow that waits in that turn."""
+        d: defer.Deferred[None] = defer.Deferred()
+        self._commit_waiters.append(d)
+        self.commit_soon()
+        return d
+
     def _commit(self) -> None:
         self._commit_pending = False
-        self.queue.commit()
+        waiters, self._commit_waiters = self._commit_waiters, []
+        try:
+            self.queue.commit()
+        except Exception:
+            failure = Failure()
+            for d in waiters:
+                d.errback(failure)
+            raise
+        for d in waiters:
+            d.callback(None)
 
     # -- event logs, written as the job's owner ------------------------------------------------
     def _open_user_log(self, path: Path) -> Any:

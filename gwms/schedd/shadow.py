@@ -109,7 +109,7 @@ class Shadow:
         queue.set(self.job_id, {"RemoteHost": self.claim.slot_name, "StartdAddress": self.claim.startd_address,
                                 "ClaimId": self.claim.claim_id, "JobCurrentStartDate": int(now),
                                 "ShadowBday": int(now)})
-        queue.commit()  # durable before the job can start anywhere
+        yield schedd.committed()  # durable before the job can start anywhere
         try:
             inputs = self.input_files(job)
             # Without an input sandbox the job starts with its activation (one round trip).
