@@ -37,6 +37,8 @@ log = Logger()
 # Seconds between checks for idle claims and expired job leases (the schedd's shadows allow
 # for several of these before they give a job up: gwms.schedd.shadow.LEASE_MARGIN).
 HOUSEKEEPING_INTERVAL = 5.0
+# Seconds a slot's changes are gathered before its ad goes to the collector.
+UPDATE_DELAY = 0.25
 # Output files up to this size travel inline with the job's exit status.
 INLINE_OUTPUT = 64 * 1024
 
@@ -530,6 +532,7 @@ class StartdService(service.MultiService):
         self.grace = settings["shutdown_grace"]
         self._updates = LoopingCall(self.advertise_all)
         self._updates.clock = reactor
+        self._pending_updates: set[str] = set()
         self._housekeeping = LoopingCall(self.startd.housekeeping)
         self._housekeeping.clock = reactor
 
@@ -549,7 +552,19 @@ class StartdService(service.MultiService):
         self._housekeeping.start(HOUSEKEEPING_INTERVAL, now=False)
 
     def advertise(self, slot: Slot) -> None:
+        """Send the slot's ad on a change, coalescing changes that come within UPDATE_DELAY
+        (a claim running short jobs flips Busy/Idle many times a second; the collector gets the
+        state the slot settled in, a moment later)."""
         if not self.startd.address:
+            return
+        if slot.name not in self._pending_updates:
+            self._pending_updates.add(slot.name)
+            self.reactor.callLater(UPDATE_DELAY, self._send_update, slot.name)
+
+    def _send_update(self, name: str) -> None:
+        self._pending_updates.discard(name)
+        slot = self.startd.slots.get(name)
+        if slot is None or not self.running:
             return
         ad = self.startd.slot_ad(slot)
         ad["ClassAdLifetime"] = int(3 * self.update_interval)
