@@ -1750,13 +1750,16 @@ def to_python(ad: ClassAd) -> dict[str, object]:
         raise ClassAdError(f"the ad holds a string that is not valid UTF-8 ({e.reason})") from None
 
 
-def format_old(ad: ClassAd) -> str:
+def format_old(ad: ClassAd, sort: bool = True) -> str:
     """``Name = value`` lines sorted by name (ignoring case), as condor_status -long prints.
 
     The lines are classad2's old-syntax printer's, so they use old-syntax escaping and read
     back with :func:`parse_old`; like HTCondor's, a string containing a newline is printed
-    with that newline in it.
+    with that newline in it. ``sort=False`` keeps classad2's order and is ~20 times cheaper
+    (for files programs read, such as a job's .job.ad, not for people).
     """
+    if not sort:
+        return ad.printOld()
     lines = []
     for name in sorted(ad, key=str.lower):
         single = ClassAd()

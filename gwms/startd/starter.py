@@ -63,7 +63,7 @@ class Starter:
         self.result: Any = None
         self.started_at: float | None = None
         self.finished: defer.Deferred[Any] = defer.Deferred()
-        (self.sandbox / ".job.ad").write_text(classads.format_old(job))
+        (self.sandbox / ".job.ad").write_text(classads.format_old(job, sort=False))
 
     # -- input sandbox ------------------------------------------------------------------------
     def put(self, name: object, offset: int, data: bytes, final: bool, sha256: object, executable: bool) -> None:

@@ -1308,3 +1308,9 @@ def test_conjuncts_evaluate_like_the_whole_expression():
         for my, target in zip(ads, reversed(ads)):
             whole = classads.evaluate_constraint(expr, my, target)
             assert whole == all(classads.evaluate_constraint(piece, my, target) for piece in pieces), repr(expr)
+
+
+def test_format_old_unsorted_reads_back_the_same_ad():
+    ad = classads.parse_new('[b = 2; A = "x y"; Requirements = TARGET.Memory > 1]')
+    back = classads.parse_old(classads.format_old(ad, sort=False))
+    assert back["b"] == 2 and back["A"] == "x y" and str(back.lookup("Requirements")) == "TARGET.Memory > 1"
