@@ -22,7 +22,6 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet import task
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
