@@ -96,8 +96,10 @@ class Identity:
             return f"token scope {' '.join(sorted(self.scopes)) or '(empty)'} does not include {level}"
         return None
 
-    def matches(self, entry: str) -> bool:
-        return entry == self.name or entry == f"{self.method}:{self.name}"
+    @property
+    def names(self) -> tuple[str, str]:
+        """How authorization lists may name this identity: plainly, or as ``method:name``."""
+        return (self.name, f"{self.method}:{self.name}")
 
 
 ANONYMOUS = Identity(method="anonymous", name="anonymous", authenticated=False, read_only=True)
@@ -243,14 +245,6 @@ class ServerSecurity:
         if refusal:
             return Decision(False, f"credential: {refusal}")
         return self.authorizer.authorize(request)
-
-
-def check_plugin(obj: Any, interface: Any) -> Any:
-    """Fail early, with the plugin's name, if a site plugin does not provide its interface."""
-    from zope.interface.verify import verifyObject
-
-    verifyObject(interface, obj)
-    return obj
 
 
 def peer_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -76,7 +76,7 @@ class ListAuthorizer:
             if not any(ip.version == net.version and ip in net for net in lists.allow_networks):
                 return Decision(False, f"allow_networks[{level}] does not include {ip}")
         identity = request.identity
-        names = (identity.name, f"{identity.method}:{identity.name}")
+        names = identity.names
         for name in names:
             if name in lists.deny:
                 return Decision(False, f"deny[{lists.level}] {name!r}")

@@ -206,10 +206,6 @@ class _FramedProtocol(Protocol, TimeoutMixin):
         self.transport.loseConnection()
 
 
-class _PeerCredentialsUnavailable(Exception):
-    pass
-
-
 def _peer_credentials(transport: Any) -> tuple[int, int, int]:
     handle = transport.getHandle()
     raw = handle.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))

@@ -124,10 +124,13 @@ class Schedd:
             return
         path = Path(str(job.get("Iwd", "/"))) / log_file
         try:
+            # The writer's opener looks the owner up here, for exactly this append.
             self._log_accounts[path] = self.account_of(job)
             self.events.append(path, text)
         except (OSError, userfiles.UserFileError) as e:
             log.warn("cannot write event log {path}: {error}", path=str(path), error=str(e))
+        finally:
+            self._log_accounts.pop(path, None)
 
     def event_for(self, job_id: tuple[int, int], make: Any) -> None:
         if not self.queue.get(job_id, "UserLog"):

@@ -127,6 +127,7 @@ class Startd:
                 self._add(Slot(f"slot{i + 1}@{self.machine}", "Static", max(1, cpus // n), memory // n,
                                disk // n, entered_state=now))
         self.advertiser: Any = None  # a callable(slot) set by the service
+        self.invalidator: Any = None  # likewise, for dynamic slots that go away
 
     def _add(self, slot: Slot) -> None:
         self.slots[slot.name] = slot
@@ -324,7 +325,9 @@ class Startd:
             ad["LeftoverProcessesKilled"] = result.leftover_processes_killed
             usage = result.usage
             try:
-                ad["Outputs"] = self._outputs(starter)
+                if starter.output_listing is None:  # hashed once, however often the shadow asks
+                    starter.output_listing = self._outputs(starter)
+                ad["Outputs"] = starter.output_listing
             except (OSError, TransferError) as e:  # the shadow then asks with LIST_OUTPUT
                 log.warn("cannot list the output of {job}: {error}", job=claim.job_id, error=str(e))
         elif starter is not None and starter.process is not None:
@@ -449,8 +452,6 @@ class Startd:
             return classads.ClassAd()
 
         return killing.addBoth(freed)
-
-    invalidator: Any = None
 
     def kill_job(self, request: Request) -> Any:
         claim = self.claim_for(request)

@@ -61,6 +61,7 @@ class Starter:
         self.received: dict[str, str] = {}  # complete input files -> sha256
         self.process: Any = None
         self.result: Any = None
+        self.output_listing: Any = None  # set by the startd once the job has ended
         self.started_at: float | None = None
         self.finished: defer.Deferred[Any] = defer.Deferred()
         (self.sandbox / ".job.ad").write_text(classads.format_old(job, sort=False))
