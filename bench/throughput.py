@@ -112,13 +112,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--profile", metavar="ROLE", default="",
+                        help="run this daemon under cProfile; the statistics go to ROLE.prof in the work directory")
     parser.add_argument("--memory-jobs", type=int, default=0,
                         help="instead: run this many long jobs at once and report the schedd's memory per running job")
     args = parser.parse_args()
     if args.memory_jobs:
         args.slots = args.memory_jobs
 
-    from gwms.cli.demo import start_daemon as spawn, wait_for_file
+    from gwms.cli.demo import twistd_command, wait_for_file
     from pool import write_config
 
     work = Path(tempfile.mkdtemp(prefix="gwms-throughput-"))
@@ -127,7 +129,10 @@ def main() -> None:
 
     def start(role: str, config: Path, name: str | None = None) -> str:
         name = name or role
-        procs[role] = spawn(role, config, work / f"{name}.log")
+        profile = [f"--profile={work / role}.prof", "--profiler=cprofile", "--savestats"] if role == args.profile else []
+        procs[role] = subprocess.Popen(
+            [*twistd_command(), "--nodaemon", "--pidfile=", "--logfile", str(work / f"{name}.log"), *profile,
+             f"gwms-{role}", "--config", str(config)], stdin=subprocess.DEVNULL, start_new_session=True)
         return wait_for_file(work / f"{name}.address", procs[role], 30, work / f"{name}.log")
 
     options = dict(slots=args.slots, cpus=args.slots, negotiator_interval=5, periodic_interval=300)
@@ -182,6 +187,8 @@ def main() -> None:
         for p in procs.values():
             p.wait(timeout=30)
         result["targets"] = {"jobs_per_s": 330}
+        if args.profile:
+            result["profile"] = str(work / f"{args.profile}.prof")
         print(json.dumps(result, indent=2))
 
 

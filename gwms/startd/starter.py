@@ -46,6 +46,16 @@ def job_environment(job: classads.ClassAd, sandbox: Path, slot_name: str) -> dic
     return env
 
 
+def wanted_streams(job: classads.ClassAd) -> set[str]:
+    """Which of stdout and stderr the job wants back. One it does not want (HTCondor's default
+    of /dev/null) goes to /dev/null on the worker too: no file to create, hash and remove."""
+    wanted = set()
+    for stream, attr in ((STDOUT, "Out"), (STDERR, "Err")):
+        if str(job.get(attr, "/dev/null") or "/dev/null") != "/dev/null":
+            wanted.add(stream)
+    return wanted
+
+
 class Starter:
     def __init__(self, reactor: Any, switch: Any, execute_dir: Path, slot_name: str, job: classads.ClassAd,
                  process_factory: Any = None) -> None:
@@ -63,6 +73,7 @@ class Starter:
         self.result: Any = None
         self.output_listing: Any = None  # set by the startd once the job has ended
         self.started_at: float | None = None
+        self.streams = wanted_streams(job)
         self.finished: defer.Deferred[Any] = defer.Deferred()
         (self.sandbox / ".job.ad").write_text(classads.format_old(job, sort=False))
 
@@ -107,8 +118,9 @@ class Starter:
         stdin = self.sandbox / stdin_name if stdin_name in self.received else None
         marker = secrets.token_hex(16)
         self.started_at = time.time()
+        stdout, stderr = (self.sandbox / s if s in self.streams else Path(os.devnull) for s in (STDOUT, STDERR))
         self.process = factory(self.reactor, self.switch, self.job, argv, env, self.sandbox, stdin,
-                               self.sandbox / STDOUT, self.sandbox / STDERR, marker)
+                               stdout, stderr, marker)
         self.process.start()
         self.process.finished.addBoth(self._ended)
 
@@ -129,9 +141,9 @@ class Starter:
 
     # -- output sandbox ------------------------------------------------------------------------
     def outputs(self) -> list[dict[str, Any]]:
-        """What goes back: stdout, stderr, and TransferOutput's files (or, without it, every
+        """What goes back: stdout and stderr (if wanted), and TransferOutput's files (or, without it, every
         file the job created or changed at the top of the sandbox, as HTCondor does)."""
-        names: list[str] = [STDOUT, STDERR]
+        names: list[str] = [s for s in (STDOUT, STDERR) if s in self.streams]
         listed = str(self.job.get("TransferOutput", "") or "")
         wanted = [n.strip() for n in listed.split(",") if n.strip()]
         if wanted:

@@ -207,3 +207,30 @@ def test_a_job_the_startd_lost_is_reported_as_evicted_not_as_exited(tmp_path):
     status = d.result
     assert status["Evicted"] is True and "the job launcher ended" in status["Reason"]
     assert not status.get("Exited", False)
+
+
+class RecordingProcess(FakeProcess):
+    """Remembers where the starter sent the job's stdout and stderr."""
+
+    def __init__(self, reactor, switch, job, argv, env, sandbox, stdin, stdout, stderr, marker):
+        super().__init__(reactor, switch, job, argv, env, sandbox, stdin, stdout, stderr, marker)
+        self.streams = (stdout, stderr)
+
+
+@pytest.mark.parametrize("extra, to_devnull, listed", [
+    ({}, (True, True), []),
+    ({"Out": "job.out"}, (False, True), ["_condor_stdout"]),
+    ({"Out": "job.out", "Err": "job.err"}, (False, False), ["_condor_stdout", "_condor_stderr"]),
+    ({"Err": "/dev/null", "Out": "/dev/null"}, (True, True), []),
+])
+def test_streams_the_job_does_not_want_go_to_dev_null_and_are_not_listed(tmp_path, extra, to_devnull, listed):
+    clock, s = startd(tmp_path)
+    s.process_factory = RecordingProcess
+    claim_id = s.request_claim(FakeRequest(ad(ClaimId=capability(s), JobAd=job(), Schedd="x")))["ClaimId"]
+    claim = _run_job(s, claim_id, job(**extra))
+    starter = claim.starter
+    assert tuple(str(p) == "/dev/null" for p in starter.process.streams) == to_devnull
+    for path in starter.process.streams:  # what the launcher would have made
+        if str(path) != "/dev/null":
+            path.write_text("x")
+    assert [entry["Name"] for entry in starter.outputs()] == listed
