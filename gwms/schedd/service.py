@@ -69,7 +69,7 @@ class Schedd:
         self.poke_negotiator: Any = None  # set by the service
         self._autoclusters: dict[tuple[Any, ...], int] = {}
         self._job_autocluster: dict[tuple[int, int], int] = {}
-        self._commit_pending = False
+        self._flush_pending = False
         self._retiring: list[tuple[tuple[int, int], defer.Deferred[None]]] = []
         self._commit_waiters: list[defer.Deferred[None]] = []
 
@@ -84,30 +84,46 @@ class Schedd:
     def account_of(self, job: classads.ClassAd | None) -> userfiles.Account:
         return self.accounts(str(job.get("Owner", ""))) if job is not None else userfiles.Account("nobody", 65534, 65534)
 
-    # -- durability: one commit per reactor turn -----------------------------------------------
+    # -- durability: one transaction per reactor turn ------------------------------------------
     def commit_soon(self) -> None:
-        if not self._commit_pending:
-            self._commit_pending = True
-            self.reactor.callLater(0, self._commit)
+        if not self._flush_pending:
+            self._flush_pending = True
+            self.reactor.callLater(0, self._flush)
 
     def committed(self) -> defer.Deferred[None]:
-        """Fires once every change made so far is on disk: one commit (one fsync) per reactor
-        turn serves every shadow that waits in that turn."""
+        """Fires once every change made so far is on disk: one transaction (one fsync) per
+        reactor turn serves every shadow that waits in that turn."""
         d: defer.Deferred[None] = defer.Deferred()
         self._commit_waiters.append(d)
         self.commit_soon()
         return d
 
-    def _commit(self) -> None:
-        self._commit_pending = False
+    def retire_soon(self, job_id: tuple[int, int]) -> defer.Deferred[None]:
+        """Move a finished job to the history durably, in the same transaction as every other
+        change of this reactor turn (a shadow marks its claim's next job running in the turn
+        its last job completes: one fsync for both); fires once it is on disk."""
+        d: defer.Deferred[None] = defer.Deferred()
+        self._retiring.append((job_id, d))
+        self.commit_soon()
+        return d
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        retiring, self._retiring = self._retiring, []
         waiters, self._commit_waiters = self._commit_waiters, []
+        waiters += [d for _, d in retiring]
         try:
-            self.queue.commit()
+            if retiring:
+                self.queue.retire([job_id for job_id, _ in retiring])  # commits the rest too
+            else:
+                self.queue.commit()
         except Exception:
             failure = Failure()
             for d in waiters:
                 d.errback(failure)
-            raise
+            if not retiring:
+                raise
+            return
         for d in waiters:
             d.callback(None)
 
@@ -347,27 +363,6 @@ class Schedd:
         self.commit_soon()
         if self.poke_negotiator is not None:
             self.poke_negotiator()
-
-    def retire_soon(self, job_id: tuple[int, int]) -> defer.Deferred[None]:
-        """Move a finished job to the history durably, together with every other job that
-        finished in the same reactor turn (one fsync for all); fires once it is on disk."""
-        d: defer.Deferred[None] = defer.Deferred()
-        if not self._retiring:
-            self.reactor.callLater(0, self._retire_batch)
-        self._retiring.append((job_id, d))
-        return d
-
-    def _retire_batch(self) -> None:
-        batch, self._retiring = self._retiring, []
-        try:
-            self.queue.retire([job_id for job_id, _ in batch])
-        except Exception:
-            failure = Failure()
-            for _, d in batch:
-                d.errback(failure)
-            return
-        for _, d in batch:
-            d.callback(None)
 
     def complete(self, job_id: tuple[int, int], status: classads.ClassAd) -> defer.Deferred[None]:
         queue = self.queue

@@ -57,6 +57,11 @@ class Shadow:
         self.kill_request: tuple[int, str, int, int] | None = None  # (status to set, reason, code, subcode)
         self.started = False  # the current job was started on the claim
         self.reconnecting = False
+        # The last job, ended and recorded as completed but not yet deactivated on the startd:
+        # the next ACTIVATE_CLAIM replaces it (one round trip fewer per job), once `retired`
+        # (its move to the history) is on disk.
+        self.ended_job: str | None = None
+        self.retired: defer.Deferred[None] | None = None
 
     def request_kill(self, status: int, reason: str, code: int = 1, subcode: int = 0) -> None:
         """Hold or remove the running job now: the kill goes out at once (the long-poll then
@@ -90,6 +95,7 @@ class Shadow:
             if not keep:
                 break
             self.job_id = self.schedd.next_job_for(self.claim)
+        yield self._retired()
         try:
             yield self.call("RELEASE_CLAIM", classads.ClassAd())
         except (CommandError, ConnectionFailed) as e:
@@ -110,10 +116,15 @@ class Shadow:
                                 "ClaimId": self.claim.claim_id, "JobCurrentStartDate": int(now),
                                 "ShadowBday": int(now)})
         yield schedd.committed()  # durable before the job can start anywhere
+        yield self._retired()  # and the last job's end, before the startd forgets it
+        replaces, self.ended_job = self.ended_job, None
         try:
             inputs = self.input_files(job)
             # Without an input sandbox the job starts with its activation (one round trip).
-            yield self.call("ACTIVATE_CLAIM", _with(JobAd=job, StartNow=not inputs))
+            activation = _with(JobAd=job, StartNow=not inputs)
+            if replaces:
+                activation["Replaces"] = replaces
+            yield self.call("ACTIVATE_CLAIM", activation)
             if inputs:
                 yield self.send_input(job, account, inputs)
                 yield self.call("START_JOB", classads.ClassAd())
@@ -122,6 +133,9 @@ class Shadow:
             schedd.hold(self.job_id, f"Error before the job started: {e}", code=13)
             return True
         except CommandError as e:
+            if e.code == "CLAIM_ENDED":  # its worklife ran out since the last job ended
+                schedd.requeue(self.job_id, "the claim ended before the job started", evicted=False)
+                return False
             yield self._abandon_start(job)
             if e.code in ("TRANSFER_FAILED", "START_FAILED"):
                 schedd.hold(self.job_id, f"Error from {self.claim.slot_name}: {e.message}", code=13)
@@ -281,8 +295,17 @@ class Shadow:
         except ConnectionFailed as e:
             schedd.requeue(self.job_id, f"lost the startd while fetching output: {e}")
             return False
-        yield schedd.complete(self.job_id, status)  # durable before the starter forgets the job
-        return (yield self._deactivate())
+        # Durable before the starter forgets the job: the claim's next activation waits for it
+        # (see run_job); so does releasing the claim.
+        self.retired = schedd.complete(self.job_id, status)
+        self.ended_job = self.name
+        return bool(status.get("ClaimReusable", False))
+
+    @defer.inlineCallbacks
+    def _retired(self) -> Any:
+        retired, self.retired = self.retired, None
+        if retired is not None:
+            yield retired
 
     @defer.inlineCallbacks
     def _deactivate(self) -> Any:

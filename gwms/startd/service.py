@@ -248,7 +248,16 @@ class Startd:
 
         claim = self.claim_for(request)
         if claim.starter is not None:
-            raise CommandError("BUSY", "the claim is running a job")
+            # The schedd may activate the claim for its next job without deactivating the last
+            # one first (one round trip fewer per job): it names the job it is done with, which
+            # must have ended.
+            replaces = request.ad.get("Replaces")
+            if not replaces or replaces != claim.job_id or claim.starter.result is None:
+                raise CommandError("BUSY", "the claim is running a job")
+            self._end_job(claim)
+            if not self._reusable(claim):
+                self.release(claim)
+                raise CommandError("CLAIM_ENDED", "the claim's worklife is over: it takes no further job")
         job = request.ad.get("JobAd")
         if not isinstance(job, classads.ClassAd):
             raise CommandError("MALFORMED_AD", "ACTIVATE_CLAIM needs a JobAd")
@@ -323,6 +332,7 @@ class Startd:
             else:
                 ad["ExitCode"] = result.exit_code if result.exit_code is not None else -1
             ad["LeftoverProcessesKilled"] = result.leftover_processes_killed
+            ad["ClaimReusable"] = self._reusable(claim)
             usage = result.usage
             try:
                 if starter.output_listing is None:  # hashed once, however often the shadow asks
@@ -401,13 +411,15 @@ class Startd:
         claim = self.claim_for(request)
         self._end_job(claim)
         reply = classads.ClassAd()
-        now = self.reactor.seconds()
-        if self.draining or now - claim.started >= self.settings["claim_worklife"]:
+        reply["Released"] = not self._reusable(claim)
+        if reply["Released"]:
             self.release(claim)
-            reply["Released"] = True
-        else:
-            reply["Released"] = False
         return reply
+
+    def _reusable(self, claim: Claim) -> bool:
+        """Whether the claim takes another job: not once its worklife is over (HTCondor's
+        CLAIM_WORKLIFE), nor while the startd shuts down."""
+        return not self.draining and self.reactor.seconds() - claim.started < self.settings["claim_worklife"]
 
     def _end_job(self, claim: Claim) -> None:
         starter, claim.starter = claim.starter, None

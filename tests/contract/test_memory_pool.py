@@ -94,6 +94,23 @@ def test_jobs_go_over_the_network_with_authorization(pool):
     assert ("schedd", "mallory", "NEW_CLUSTER", "WRITE", False, "'mallory' is not listed for WRITE") in pool.audit
 
 
+def test_a_reused_claim_costs_one_activation_and_one_transaction_per_job(pool):
+    transactions = []
+    pool.queue._conn.set_trace_callback(lambda sql: transactions.append(sql) if sql.startswith("BEGIN") else None)
+    cluster = pool.submit("alice", "executable = /bin/true\ntransfer_executable = false\n+FakeRunTime = 10\n"
+                                   "queue 6\n")
+    pool.run_until(lambda: not pool.query(f"ClusterId == {cluster}"), 120, "the jobs to complete")
+    assert [j["ExitCode"] for j in pool.history()] == [0] * 6
+    assert pool.calls[("startd", "REQUEST_CLAIM")] == 2  # two slots, each claimed once
+    assert pool.calls[("startd", "ACTIVATE_CLAIM")] == 6  # each activation replaced the job before
+    assert pool.calls[("startd", "DEACTIVATE_CLAIM")] == 0
+    assert pool.calls[("startd", "RELEASE_CLAIM")] == 2
+    # Per job one transaction marks it running, and it also moved the job before to the
+    # history; the last two completions on each claim have their own (plus the submit's).
+    assert len(transactions) <= 1 + 6 + 2, len(transactions)
+    assert not list((pool.workdir / "execute").iterdir())
+
+
 def test_a_partitionable_slot_is_carved_into_one_dynamic_slot_per_job(clock, tmp_path):
     with MemoryPool(clock, tmp_path / "p", slots=4, partitionable=True) as pool:
         cluster = pool.submit("bob", "executable = /bin/true\ntransfer_executable = false\nrequest_memory = 100\n"

@@ -63,8 +63,9 @@ def ad(**values):
 
 
 def job(owner="alice", cpus=1, memory=100, **extra):
-    j = ad(Owner=owner, RequestCpus=cpus, RequestMemory=memory, RequestDisk=1000, ClusterId=1, ProcId=0,
-           Cmd="/bin/true", Requirements=classads.parse_expr("TARGET.Cpus >= RequestCpus"), **extra)
+    values = {"ClusterId": 1, "ProcId": 0, **extra}
+    j = ad(Owner=owner, RequestCpus=cpus, RequestMemory=memory, RequestDisk=1000,
+           Cmd="/bin/true", Requirements=classads.parse_expr("TARGET.Cpus >= RequestCpus"), **values)
     return j
 
 
@@ -144,6 +145,33 @@ def test_claim_is_reused_until_its_worklife_ends(tmp_path):
     claim.starter.process.end(code=0)
     assert s.deactivate(FakeRequest(ad(ClaimId=claim_id)))["Released"] is True
     assert s.slots["slot1@wn"].state == "Unclaimed"
+
+
+def test_an_activation_replaces_the_ended_job_it_names_until_the_worklife_ends(tmp_path):
+    clock, s = startd(tmp_path)
+    claim_id = s.request_claim(FakeRequest(ad(ClaimId=capability(s), JobAd=job(), Schedd="x")))["ClaimId"]
+    first = _run_job(s, claim_id, job(ProcId=0)).starter
+    with pytest.raises(CommandError) as e:  # still running: nothing to replace
+        s.activate(FakeRequest(ad(ClaimId=claim_id, JobAd=job(ProcId=1), Replaces="1.0")))
+    assert e.value.code == "BUSY"
+    first.process.end(code=0)
+    status = s.wait_job(FakeRequest(ad(ClaimId=claim_id, Timeout=5)))
+    assert status["Exited"] and status["ClaimReusable"] is True
+    for wrong in (None, "1.7"):  # an activation that does not name the ended job is refused
+        with pytest.raises(CommandError) as e:
+            s.activate(FakeRequest(ad(ClaimId=claim_id, JobAd=job(ProcId=1), Replaces=wrong)))
+        assert e.value.code == "BUSY"
+    assert first.sandbox.exists()
+    s.activate(FakeRequest(ad(ClaimId=claim_id, JobAd=job(ProcId=1), Replaces="1.0", StartNow=True)))
+    claim = s.claim_for(FakeRequest(ad(ClaimId=claim_id)))
+    assert not first.sandbox.exists() and claim.job_id == "1.1" and claim.starter.running
+    clock.advance(101)  # past claim_worklife
+    claim.starter.process.end(code=0)
+    assert s.wait_job(FakeRequest(ad(ClaimId=claim_id, Timeout=5)))["ClaimReusable"] is False
+    with pytest.raises(CommandError) as e:
+        s.activate(FakeRequest(ad(ClaimId=claim_id, JobAd=job(ProcId=2), Replaces="1.1")))
+    assert e.value.code == "CLAIM_ENDED"
+    assert s.slots["slot1@wn"].state == "Unclaimed" and not s.claims
 
 
 def test_a_claim_runs_only_its_users_jobs(tmp_path):
