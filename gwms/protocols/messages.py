@@ -6,7 +6,9 @@ policy (HTCondor's rules, ``gwms.security.negotiate``) and answers with the agre
 agreement needs TLS both sides start it on the same connection, then the client sends AUTH with
 its proof (a token, or nothing for x509 where the TLS handshake is the proof) and the server
 answers with the identity it authenticated. From then on the connection carries requests, each
-with an id, answered in any order, concurrently.
+with an id, answered in any order, concurrently. Requests on one connection reach their
+handlers in the order they were sent, so a client may pipeline a request behind the one it
+depends on (the shadow sends its first WAIT_JOB right behind ACTIVATE_CLAIM).
 
 Every request is checked against the server's policy and authorizer for its level; the decision
 is made once per connection, command and level, audited once, and reused (this is what keeps

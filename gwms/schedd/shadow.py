@@ -118,21 +118,30 @@ class Shadow:
         yield schedd.committed()  # durable before the job can start anywhere
         yield self._retired()  # and the last job's end, before the startd forgets it
         replaces, self.ended_job = self.ended_job, None
+        first_wait = None
         try:
             inputs = self.input_files(job)
             # Without an input sandbox the job starts with its activation (one round trip).
             activation = _with(JobAd=job, StartNow=not inputs)
             if replaces:
                 activation["Replaces"] = replaces
-            yield self.call("ACTIVATE_CLAIM", activation)
+            activated = self.call("ACTIVATE_CLAIM", activation)
+            if not inputs:
+                # The first long-poll goes out behind the activation, not after its answer: a
+                # short job's end then comes back one round trip sooner. If the activation
+                # fails, this poll is discarded.
+                first_wait = self._wait_job()
+            yield activated
             if inputs:
                 yield self.send_input(job, account, inputs)
                 yield self.call("START_JOB", classads.ClassAd())
         except (JobProblem, TransferError, userfiles.UserFileError) as e:
+            _discard(first_wait)
             yield self._abandon_start(job)
             schedd.hold(self.job_id, f"Error before the job started: {e}", code=13)
             return True
         except CommandError as e:
+            _discard(first_wait)
             if e.code == "CLAIM_ENDED":  # its worklife ran out since the last job ended
                 schedd.requeue(self.job_id, "the claim ended before the job started", evicted=False)
                 return False
@@ -143,6 +152,7 @@ class Shadow:
             schedd.requeue(self.job_id, f"the startd refused the job: {e.message}")
             return False
         except ConnectionFailed as e:
+            _discard(first_wait)
             schedd.requeue(self.job_id, f"lost the startd before the job started: {e}")
             return False
         self.started = True
@@ -154,7 +164,7 @@ class Shadow:
         schedd.commit_soon()
         schedd.event(job, eventlog.execute_event(*self.job_id, schedd.reactor.seconds(),
                                                  f"<{self.claim.startd_address}>", self.claim.slot_name))
-        keep = yield self.follow()
+        keep = yield self.follow(first_wait=first_wait)
         return keep
 
     @defer.inlineCallbacks
@@ -208,7 +218,7 @@ class Shadow:
 
     # -- following the running job --------------------------------------------------------------
     @defer.inlineCallbacks
-    def follow(self, reconnect: bool = False) -> Any:
+    def follow(self, reconnect: bool = False, first_wait: defer.Deferred[Any] | None = None) -> Any:
         schedd, queue = self.schedd, self.schedd.queue
         lease = float(queue.get(self.job_id, "JobLeaseDuration") or 2400)
         last_contact = schedd.reactor.seconds()
@@ -217,9 +227,11 @@ class Shadow:
             self._event_disconnected("the schedd restarted")
         while True:
             if self.kill_request is not None:
+                _discard(first_wait)
                 return (yield self._kill())
             try:
-                status = yield self.call("WAIT_JOB", _with(Timeout=20), timeout=40)
+                waiting, first_wait = first_wait, None
+                status = yield (waiting if waiting is not None else self._wait_job())
             except ConnectionFailed as e:
                 if not disconnected:
                     disconnected = True
@@ -251,6 +263,9 @@ class Shadow:
             if status.get("Exited", False):
                 break
         return (yield self.finish(status))
+
+    def _wait_job(self) -> defer.Deferred[Any]:
+        return self.call("WAIT_JOB", _with(Timeout=20), timeout=40)
 
     def _event_disconnected(self, reason: str) -> None:
         self.schedd.event_for(self.job_id, lambda t: eventlog.disconnected_event(
@@ -366,6 +381,12 @@ class Shadow:
             err = str(job.get("Err", "/dev/null") or "/dev/null")
             return None if err == "/dev/null" else iwd / err
         return iwd / os.path.basename(name)
+
+
+def _discard(d: defer.Deferred[Any] | None) -> None:
+    """A request whose answer nobody will read: its failure is expected, not an unhandled error."""
+    if d is not None:
+        d.addErrback(lambda f: None)
 
 
 def _with(**values: Any) -> classads.ClassAd:
