@@ -18,10 +18,10 @@ import shutil
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -126,6 +126,9 @@ class Startd:
             for i in range(n):
                 self._add(Slot(f"slot{i + 1}@{self.machine}", "Static", max(1, cpus // n), memory // n,
                                disk // n, entered_state=now))
+        # Removing a finished job's sandbox: here, or (the service) in a thread, so that a
+        # slow file system's unlinks and rmdirs do not hold up the next job's activation.
+        self.remove_sandbox: Callable[[Path], defer.Deferred[None]] = _remove_sandbox_now
         self.advertiser: Any = None  # a callable(slot) set by the service
         self.invalidator: Any = None  # likewise, for dynamic slots that go away
 
@@ -427,10 +430,10 @@ class Startd:
         if starter is not None:
             if starter.running:
                 starter.kill(0)
-            try:
-                starter.cleanup()
-            except OSError as e:
-                log.warn("sandbox cleanup failed ({error}); the startd sweeps it later", error=str(e))
+            starter.close()
+            self.remove_sandbox(starter.sandbox).addErrback(
+                lambda f: log.warn("removing the sandbox {path} failed ({error}); the startd sweeps it at its "
+                                   "next start", path=str(starter.sandbox), error=f.getErrorMessage()))
         if claim.slot.claim is claim:
             self._set_state(claim.slot, "Claimed", "Idle")
             self._changed(claim.slot)
@@ -511,6 +514,12 @@ class Startd:
         ]
 
 
+def _remove_sandbox_now(path: Path) -> defer.Deferred[None]:
+    from gwms.startd.process import remove_sandbox
+
+    return defer.maybeDeferred(remove_sandbox, path)
+
+
 def _positive(value: Any, default: float) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         return default
@@ -533,6 +542,7 @@ class StartdService(service.MultiService):
         settings = config.section("startd")
         switch = load_plugin("identity switch", settings["identity_switch"], IDENTITY_SWITCHES, IIdentitySwitch, config)
         self.startd = Startd(reactor, config, switch)
+        self.startd.remove_sandbox = self._remove_sandbox_in_thread
         self.startd.advertiser = self.advertise
         self.startd.invalidator = self.invalidate
         self.collectors = collectors(reactor, config)
@@ -547,6 +557,11 @@ class StartdService(service.MultiService):
         self._pending_updates: set[str] = set()
         self._housekeeping = LoopingCall(self.startd.housekeeping)
         self._housekeeping.clock = reactor
+
+    def _remove_sandbox_in_thread(self, path: Path) -> defer.Deferred[None]:
+        from gwms.startd.process import remove_sandbox
+
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), remove_sandbox, path)
 
     def startService(self) -> None:
         from gwms.startd.process import become_subreaper, sweep_sandboxes

@@ -176,10 +176,8 @@ class Starter:
             data = f.read(length)
             return data, f.tell() >= os.fstat(f.fileno()).st_size
 
-    def cleanup(self) -> None:
-        from gwms.startd.process import remove_sandbox
-
+    def close(self) -> None:
+        """Close input files still being received (the startd then removes the sandbox)."""
         for f, _digest, _size in self._incoming.values():
             f.close()
         self._incoming.clear()
-        remove_sandbox(self.sandbox)

@@ -84,6 +84,9 @@ class PoolDriver(Protocol):
     def matches(self) -> int:
         """How many matches the negotiator has made so far."""
 
+    def sandboxes(self) -> list[str]:
+        """What is in the startd's execute directory: one sandbox per job it holds."""
+
 
 class MemoryDriver:
     def __init__(self, pool: MemoryPool) -> None:
@@ -112,6 +115,9 @@ class MemoryDriver:
 
     def matches(self) -> int:
         return self.pool.matches
+
+    def sandboxes(self) -> list[str]:
+        return sorted(p.name for p in (self.pool.workdir / "execute").iterdir())
 
 
 class RealDriver:
@@ -181,6 +187,9 @@ class RealDriver:
         # The negotiator logs one line per cycle: "cycle: ... N matches in ... s".
         log = self.pool.daemons["negotiator"].log_text()
         return sum(int(n) for n in re.findall(r"cycle: .*?, (\d+) matches in", log))
+
+    def sandboxes(self) -> list[str]:
+        return sorted(p.name for p in (self.workdir / "execute-wn1").iterdir())
 
 
 class PoolMaker:

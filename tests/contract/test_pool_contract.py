@@ -76,6 +76,8 @@ def test_ten_jobs_complete_with_their_exit_codes(make_pool):
     events = list(htcondor2.JobEventLog(str(iwd / "jobs.log")).events(stop_after=0))
     terminated = sorted((e.proc, e["ReturnValue"]) for e in events if e.type == htcondor2.JobEventType.JOB_TERMINATED)
     assert terminated == [(i, i % 3) for i in range(10)]
+    # The sandboxes go too (the real startd removes them in a thread, a moment later).
+    driver.wait_until(lambda: not driver.sandboxes(), 10, "the startd to remove the sandboxes")
 
 
 # Long on its first run (so that it is still running when held), short once it has run before.
