@@ -82,6 +82,7 @@ class Shadow:
     @defer.inlineCallbacks
     def run_claim(self, reconnect: bool = False) -> Any:
         """Run jobs on this claim until there is none left for it, then release it."""
+        failed = None
         while self.job_id is not None:
             self.schedd.shadows[self.job_id] = self
             try:
@@ -90,16 +91,35 @@ class Shadow:
                     reconnect = False
                 else:
                     keep = yield self.run_job()
+            except Exception:
+                # A bug, or a queue that cannot be written: the job must not stay Running with
+                # nobody following it. It goes back to the queue once the claim is released
+                # (which kills it on the startd), so that it never runs twice at once.
+                log.failure("the shadow of {job} on {slot} failed", job=self.name, slot=self.claim.slot_name)
+                failed = self.job_id
+                keep = False
             finally:
                 self.schedd.shadows.pop(self.job_id, None)
             if not keep:
                 break
             self.job_id = self.schedd.next_job_for(self.claim)
-        yield self._retired()
+        try:
+            yield self._retired()
+        except Exception:
+            log.failure("recording the end of a job on {slot} failed", slot=self.claim.slot_name)
+        released = False
         try:
             yield self.call("RELEASE_CLAIM", classads.ClassAd())
+            released = True
         except (CommandError, ConnectionFailed) as e:
             log.info("release of {slot} failed: {error}", slot=self.claim.slot_name, error=str(e))
+        if failed is not None:
+            reason = "the shadow failed (see the schedd's log)"
+            if released:
+                self.schedd.requeue(failed, reason)
+            else:  # the startd kills the job when its lease runs out: requeue only after that
+                lease = float(self.schedd.queue.get(failed, "JobLeaseDuration") or 2400)
+                self.schedd.reactor.callLater(lease + LEASE_MARGIN, self.schedd.requeue, failed, reason)
 
     @defer.inlineCallbacks
     def run_job(self) -> Any:

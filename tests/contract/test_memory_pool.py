@@ -263,3 +263,24 @@ def test_a_job_whose_lease_expires_goes_back_to_idle_and_never_runs_twice_at_onc
         kinds = [e.type for e in htcondor2.JobEventLog(str(pool.iwds[cluster] / "job.log")).events(stop_after=0)]
         assert htcondor2.JobEventType.JOB_RECONNECT_FAILED in kinds
         pool.network.listen(STARTD_ADDRESS, factory)
+
+
+def test_a_failing_shadow_gives_its_job_back_to_the_queue_and_releases_the_claim(pool, monkeypatch):
+    from gwms.schedd.shadow import Shadow
+
+    broken = {"on": True}
+    real_finish = Shadow.finish
+
+    def finish(self, status):
+        if broken["on"]:
+            broken["on"] = False
+            raise RuntimeError("a bug in the shadow")
+        return real_finish(self, status)
+
+    monkeypatch.setattr(Shadow, "finish", finish)
+    cluster = pool.submit("alice", "executable = /bin/true\ntransfer_executable = false\n+FakeRunTime = 10\nqueue\n")
+    pool.run_until(lambda: not pool.query(f"ClusterId == {cluster}"), 300, "the job to complete after all")
+    [done] = pool.history()
+    assert done["NumJobStarts"] == 2 and done["LastVacateReason"] == "the shadow failed (see the schedd's log)"
+    assert pool.calls[("startd", "RELEASE_CLAIM")] == 2
+    assert [s.state for s in pool.startd.slots.values()] == ["Unclaimed", "Unclaimed"]
