@@ -144,6 +144,12 @@ STARTD_KEYS: dict[str, Key] = {
     "idle_claim_timeout": Key("float", 600.0, "Seconds a claim may sit without a job before it is released."),
     "shutdown_grace": Key("float", 10.0, "Seconds a job gets between SIGTERM and SIGKILL at shutdown."),
     "address_file": Key("path", None, "File the startd writes its actual address to once it listens."),
+    # A glidein's lifetime (glidein_startup.sh sets these; 0 means never):
+    "retire_after": Key("float", 0.0, "Seconds after start when the startd retires: it takes no new claims, "
+                                      "lets running jobs finish and exits when none is left (GLIDEIN_Retire_Time)."),
+    "max_lifetime": Key("float", 0.0, "Seconds after start when the startd shuts down, running jobs or not "
+                                      "(GLIDEIN_ToDie)."),
+    "max_idle": Key("float", 0.0, "Seconds without any claim after which the startd exits (GLIDEIN_Max_Idle)."),
 }
 
 NEGOTIATOR_KEYS: dict[str, Key] = {

@@ -119,6 +119,11 @@ class Startd:
         self.claims: dict[str, Claim] = {}  # handle -> claim
         self.draining = False
         now = reactor.seconds()
+        # A glidein's lifetime (retire_after, max_lifetime, max_idle; see lifetime_check).
+        self.started_at = now
+        self.retiring = False
+        self.idle_since: float | None = now  # when the last claim went away (None: claimed)
+        self.exit_requested: Callable[[str], None] | None = None  # set by the service
         if settings["partitionable"]:
             self._add(Slot(f"slot1@{self.machine}", "Partitionable", cpus, memory, disk, entered_state=now))
         else:
@@ -168,7 +173,9 @@ class Startd:
             ad["RemoteScheddName"] = slot.claim.schedd
             if slot.claim.job_id:
                 ad["JobId"] = slot.claim.job_id
-        if slot.state == "Unclaimed" and not self.draining:
+        if self.retiring:
+            ad["Start"] = False  # a retiring glidein takes no new claims
+        if slot.state == "Unclaimed" and not self.draining and not self.retiring:
             ad["ClaimId"] = slot.capability  # private: only NEGOTIATOR-level queries see it
         return ad
 
@@ -203,6 +210,8 @@ class Startd:
     def request_claim(self, request: Request) -> classads.ClassAd:
         if self.draining:
             raise CommandError("SHUTTING_DOWN", "this startd is shutting down")
+        if self.retiring:
+            raise CommandError("RETIRING", "this startd is retiring: it takes no new claims")
         slot = self._slot_for_capability(request.ad.get("ClaimId"))
         job = request.ad.get("JobAd")
         if not isinstance(job, classads.ClassAd):
@@ -237,6 +246,7 @@ class Startd:
         claim = Claim(_new_claim_id(), target, str(request.ad.get("Schedd", "")), str(job.get("Owner", "")),
                       started=now, last_activity=now, submitter=str(job.get("User", job.get("Owner", ""))))
         self.claims[claim.claim_id.split("#")[0]] = claim
+        self.idle_since = None
         target.claim = claim
         self._set_state(target, "Claimed", "Idle")
         self._changed(target)
@@ -422,7 +432,8 @@ class Startd:
     def _reusable(self, claim: Claim) -> bool:
         """Whether the claim takes another job: not once its worklife is over (HTCondor's
         CLAIM_WORKLIFE), nor while the startd shuts down."""
-        return not self.draining and self.reactor.seconds() - claim.started < self.settings["claim_worklife"]
+        return (not self.draining and not self.retiring
+                and self.reactor.seconds() - claim.started < self.settings["claim_worklife"])
 
     def _end_job(self, claim: Claim) -> None:
         starter, claim.starter = claim.starter, None
@@ -445,6 +456,8 @@ class Startd:
     def release(self, claim: Claim) -> defer.Deferred[Any]:
         """Kill what runs (no grace: the schedd asked, or the lease is gone), free the slot."""
         self.claims.pop(claim.claim_id.split("#")[0], None)
+        if not self.claims:
+            self.idle_since = self.reactor.seconds()
         starter = claim.starter
         killing = starter.kill(0) if starter is not None and starter.running else defer.succeed(None)
 
@@ -485,6 +498,31 @@ class Startd:
             elif claim.starter is not None and now > claim.lease_deadline:
                 log.warn("job lease of {job} on {slot} expired: killing it", job=claim.job_id, slot=claim.slot.name)
                 self.release(claim)
+
+    def lifetime_check(self) -> None:
+        """A glidein's lifetime, checked with the housekeeping: past ``max_lifetime`` the startd
+        exits whatever runs; past ``retire_after`` it takes no new claims (and no further jobs on
+        the ones it has) and exits once none is left; with no claim for ``max_idle`` it exits."""
+        settings = self.settings
+        now = self.reactor.seconds()
+        age = now - self.started_at
+        if settings["max_lifetime"] and age >= settings["max_lifetime"]:
+            return self._exit(f"its maximum lifetime ({settings['max_lifetime']:g} s) is reached")
+        if settings["retire_after"] and age >= settings["retire_after"] and not self.retiring:
+            log.info("retiring: no new claims after {s:g} s", s=settings["retire_after"])
+            self.retiring = True
+            for slot in self.slots.values():
+                self._changed(slot)
+        if self.retiring and not self.claims:
+            return self._exit("it retired and no claim is left")
+        if (settings["max_idle"] and self.idle_since is not None
+                and now - self.idle_since >= settings["max_idle"]):
+            return self._exit(f"no claim came for {settings['max_idle']:g} s")
+
+    def _exit(self, why: str) -> None:
+        if self.exit_requested is not None and not self.draining:
+            log.info("the startd exits: {why}", why=why)
+            self.exit_requested(why)
 
     def shutdown(self, grace: float) -> defer.Deferred[Any]:
         """Tell every shadow (their pending WAIT_JOB), give jobs ``grace``, kill them."""
@@ -555,8 +593,12 @@ class StartdService(service.MultiService):
         self._updates = LoopingCall(self.advertise_all)
         self._updates.clock = reactor
         self._pending_updates: set[str] = set()
-        self._housekeeping = LoopingCall(self.startd.housekeeping)
+        self._housekeeping = LoopingCall(self._housekeep)
         self._housekeeping.clock = reactor
+        lifetimes = [t for t in (settings["retire_after"], settings["max_lifetime"], settings["max_idle"]) if t]
+        # A glidein with a short lifetime is checked often enough to keep to it within a tenth.
+        self.housekeeping_interval = min([HOUSEKEEPING_INTERVAL] + [max(0.2, t / 10) for t in lifetimes])
+        self.startd.exit_requested = self._exit
 
     def _remove_sandbox_in_thread(self, path: Path) -> defer.Deferred[None]:
         from gwms.startd.process import remove_sandbox
@@ -576,7 +618,7 @@ class StartdService(service.MultiService):
     def _listening(self, _: Any) -> None:
         self.startd.address = str(self.listener.address)
         self._updates.start(self.update_interval, now=True)
-        self._housekeeping.start(HOUSEKEEPING_INTERVAL, now=False)
+        self._housekeeping.start(self.housekeeping_interval, now=False)
 
     def advertise(self, slot: Slot) -> None:
         """Send the slot's ad on a change, coalescing changes that come within UPDATE_DELAY
@@ -613,6 +655,15 @@ class StartdService(service.MultiService):
             self.advertise(slot)
 
     @defer.inlineCallbacks
+    def _housekeep(self) -> None:
+        self.startd.housekeeping()
+        self.startd.lifetime_check()
+
+    def _exit(self, why: str) -> None:
+        """Stop the whole daemon (a glidein's end): the reactor's shutdown runs stopService,
+        which tells the shadows, gives jobs their grace and kills them."""
+        self.reactor.stop()
+
     def stopService(self) -> Any:
         for loop in (self._updates, self._housekeeping):
             if loop.running:

@@ -262,3 +262,60 @@ def test_streams_the_job_does_not_want_go_to_dev_null_and_are_not_listed(tmp_pat
         if str(path) != "/dev/null":
             path.write_text("x")
     assert [entry["Name"] for entry in starter.outputs()] == listed
+
+
+def test_a_glidein_exits_after_max_idle_without_claims_counting_from_its_last_claim(tmp_path):
+    clock, s = startd(tmp_path, "max_idle = 60\n")
+    exits = []
+    s.exit_requested = exits.append
+    clock.advance(59)
+    s.lifetime_check()
+    assert exits == []
+    claim_id = s.request_claim(FakeRequest(ad(ClaimId=capability(s), JobAd=job(), Schedd="x")))["ClaimId"]
+    clock.advance(100)  # claimed: never idle
+    s.lifetime_check()
+    assert exits == []
+    s.release(s.claim_for(FakeRequest(ad(ClaimId=claim_id))))
+    clock.advance(59)
+    s.lifetime_check()
+    assert exits == []
+    clock.advance(1)
+    s.lifetime_check()
+    assert exits == ["no claim came for 60 s"]
+
+
+def test_a_retiring_glidein_takes_no_new_claims_or_jobs_and_exits_when_its_claims_end(tmp_path):
+    clock, s = startd(tmp_path, "slots = 2\nretire_after = 100\n")
+    exits = []
+    s.exit_requested = exits.append
+    claim_id = s.request_claim(FakeRequest(ad(ClaimId=capability(s), JobAd=job(), Schedd="x")))["ClaimId"]
+    running = _run_job(s, claim_id, job())
+    other = capability(s, "slot2@wn")
+    clock.advance(100)
+    s.lifetime_check()
+    assert s.retiring and exits == []
+    assert s.slot_ad(s.slots["slot2@wn"])["Start"] is False and "ClaimId" not in s.slot_ad(s.slots["slot2@wn"])
+    with pytest.raises(CommandError) as e:
+        s.request_claim(FakeRequest(ad(ClaimId=other, JobAd=job(), Schedd="x")))
+    assert e.value.code == "RETIRING"
+    running.starter.process.end(code=0)  # the running job finishes ...
+    assert s.wait_job(FakeRequest(ad(ClaimId=claim_id, Timeout=5)))["ClaimReusable"] is False  # ... and is the last
+    s.lifetime_check()
+    assert exits == []
+    s.release(s.claim_for(FakeRequest(ad(ClaimId=claim_id))))
+    s.lifetime_check()
+    assert exits == ["it retired and no claim is left"]
+
+
+def test_a_glidein_exits_at_its_max_lifetime_even_with_jobs_running(tmp_path):
+    clock, s = startd(tmp_path, "max_lifetime = 300\nmax_idle = 1000\n")
+    exits = []
+    s.exit_requested = exits.append
+    claim_id = s.request_claim(FakeRequest(ad(ClaimId=capability(s), JobAd=job(), Schedd="x")))["ClaimId"]
+    _run_job(s, claim_id, job())
+    clock.advance(299)
+    s.lifetime_check()
+    assert exits == []
+    clock.advance(1)
+    s.lifetime_check()
+    assert exits == ["its maximum lifetime (300 s) is reached"]
