@@ -37,7 +37,7 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class Key:
-    kind: str  # str, path, int, float, bool, table, strlist, address, addrlist, requirement, networks
+    kind: str  # str, path, int, float, bool, table, strlist, address, addrlist, requirement, networks, limits
     default: Any
     doc: str
 
@@ -162,6 +162,84 @@ NEGOTIATOR_KEYS: dict[str, Key] = {
     "address_file": Key("path", None, "File the negotiator writes its actual address to once it listens."),
 }
 
+FACTORY_KEYS: dict[str, Key] = {
+    "name": Key("str", None, "The factory's name (default: factory@<host>)."),
+    "collectors": Key("addrlist", None, "The glidein collector(s): where the factory advertises its entries and "
+                                        "reads the frontends' requests (default: [pool] collectors)."),
+    "work_dir": Key("path", "factory", "Directory of the glidein records (factory.db), the served glidein files "
+                                       "and the local glideins' scratch directories."),
+    "web_listen": Key("address", "127.0.0.1:0", "TCP address of the web server that serves the glidein files."),
+    "web_url": Key("str", None, "URL glideins fetch their files from (default: http://<web_listen>/, as bound)."),
+    "address_file": Key("path", None, "File the factory writes its web URL to once it listens."),
+    "cycle_interval": Key("float", 60.0, "Seconds between factory cycles (read requests, submit, query, advertise)."),
+    "stale_after": Key("float", 86400.0, "Seconds a glidein may stay queued, or unknown to its grid, before the "
+                                         "factory removes and forgets it."),
+    "validation_scripts": Key("strlist", [], "Site validation scripts (paths), run by every glidein after the "
+                                             "stock ones."),
+    "wheelhouse": Key("path", None, "Directory of wheels (gwms and its dependencies) served to glideins, which "
+                                    "then install them into a private environment instead of using the node's."),
+    "ca": Key("path", None, "CA bundle the glideins trust (default: [pool] ca)."),
+    "credential": Key("path", None, "Pilot credential given to glideins: PEM certificate and key, or a token "
+                                    "file (an entry may name its own)."),
+}
+
+# [factory.entry.NAME]: one per Grid CE or batch queue.
+ENTRY_KEYS: dict[str, Key] = {
+    "grid": Key("str", "local", "The IGridSubmitter plugin: local, or module:Class."),
+    "contact": Key("str", "", "The CE or batch queue the plugin submits to (the local plugin needs none)."),
+    "enabled": Key("bool", True, "A disabled entry is advertised as such and submits nothing."),
+    "attributes": Key("table", {}, "Attributes the entry publishes and its glideins carry (GLIDEIN_Site, "
+                                   "GLIDEIN_CPUS, GLIDEIN_MaxMemMBs, ...: name = value)."),
+    "allowed_frontends": Key("strlist", [], "Authenticated identities of the frontends whose requests count."),
+    "max_glideins": Key("int", 1000, "Most glideins at the entry (queued, running and held)."),
+    "max_idle": Key("int", 100, "Most glideins queued (idle) at the entry."),
+    "max_held": Key("int", 50, "Held glideins beyond which the entry submits no more."),
+    "frontend_limits": Key("limits", {}, "Per frontend identity: a table of max_glideins, max_idle, max_held."),
+    "submit_rate": Key("float", 60.0, "Most glideins submitted per minute."),
+    "max_walltime": Key("float", 86400.0, "Seconds a glidein lives at most (GLIDEIN_Max_Walltime); it retires "
+                                          "a tenth earlier."),
+    "max_idle_time": Key("float", 1200.0, "Seconds a glidein waits for a claim before it exits (GLIDEIN_Max_Idle)."),
+    "failure_backoff": Key("float", 300.0, "Seconds a glidein that failed validation holds its batch slot before "
+                                           "exiting, so that a broken node does not take the next one."),
+    "credential": Key("path", None, "This entry's pilot credential (default: [factory] credential)."),
+    "python": Key("str", None, "The node's Python for the startd (default: python3 on the PATH)."),
+    "worker_listen": Key("str", "127.0.0.1", "Address the glideins' startds listen on."),
+}
+
+FRONTEND_KEYS: dict[str, Key] = {
+    "name": Key("str", None, "The frontend's name (default: frontend@<host>)."),
+    "glidein_collectors": Key("addrlist", None, "Where the factories' entries are and the requests go (default: "
+                                                "[pool] collectors)."),
+    "pool_collectors": Key("addrlist", None, "The pool's collectors: the glideins join them and the frontend "
+                                             "counts its glideins there (default: [pool] collectors)."),
+    "schedds": Key("strlist", [], "Schedd addresses (host:port) to read jobs from (default: every schedd in the "
+                                  "pool collector)."),
+    "trusted": Key("strlist", [], "Identities the glideins' startds allow at DAEMON level: the pool's schedds."),
+    "cycle_interval": Key("float", 60.0, "Seconds between frontend cycles."),
+    "max_idle": Key("int", 5000, "Most idle glideins requested over all groups."),
+    "max_running": Key("int", 50000, "Most glideins over all groups."),
+}
+
+# [frontend.group.NAME]: which jobs, which entries, how hard to push.
+GROUP_KEYS: dict[str, Key] = {
+    "match": Key("str", "true", "ClassAd expression, job as MY and entry as TARGET: may the job run there "
+                                "(e.g. stringListMember(TARGET.GLIDEIN_Site, MY.DESIRED_Sites))."),
+    "job_constraint": Key("str", "true", "ClassAd expression over the job: which idle jobs the group serves."),
+    "idle_per_entry": Key("int", 100, "Most idle glideins requested at one entry."),
+    "max_idle": Key("int", 1000, "Most idle glideins the group requests in total."),
+    "curb_idle": Key("int", 200, "Once the group has this many idle glideins, new requests are halved."),
+    "max_running": Key("int", 10000, "Most glideins of the group in total."),
+    "ramp_up": Key("int", 20, "Most a request at one entry grows per cycle (0: no limit)."),
+    "remove_excess": Key("str", "IDLE", "What to ask when fewer glideins are wanted than wait: NO, WAIT, IDLE "
+                                        "or ALL (glideinWMS's ReqRemoveExcess)."),
+}
+
+# Sections with named sub-tables of their own schema: [factory.entry.NAME], [frontend.group.NAME].
+SUBTABLES: dict[str, tuple[str, dict[str, Key]]] = {
+    "factory": ("entry", ENTRY_KEYS),
+    "frontend": ("group", GROUP_KEYS),
+}
+
 SECTIONS: dict[str, dict[str, Key]] = {
     "pool": POOL_KEYS,
     "security": SECURITY_KEYS,
@@ -169,6 +247,8 @@ SECTIONS: dict[str, dict[str, Key]] = {
     "schedd": SCHEDD_KEYS,
     "startd": STARTD_KEYS,
     "negotiator": NEGOTIATOR_KEYS,
+    "factory": FACTORY_KEYS,
+    "frontend": FRONTEND_KEYS,
 }
 
 
@@ -212,6 +292,17 @@ def _check_value(kind: str, value: Any, base: Path) -> Any:
         if not isinstance(value, str):
             raise ValueError("must be a host:port string")
         return _address(value)
+    if kind == "limits":
+        if not isinstance(value, dict):
+            raise ValueError("must be a table of tables")
+        limits = {}
+        for who, table in value.items():
+            if not isinstance(table, dict) or not all(
+                    k in ("max_glideins", "max_idle", "max_held") and isinstance(v, int) and not isinstance(v, bool)
+                    and v >= 0 for k, v in table.items()):
+                raise ValueError(f"entry {who!r} must be a table of max_glideins, max_idle, max_held (integers >= 0)")
+            limits[who] = dict(table)
+        return limits
     if kind == "requirement":
         if not isinstance(value, str) or value.upper() not in REQUIREMENTS:
             raise ValueError(f"must be one of {', '.join(REQUIREMENTS)}")
@@ -267,7 +358,7 @@ class HostConfig:
         """A role's section, with defaults for keys the file does not set."""
         if name in self.sections:
             return self.sections[name]
-        return _check_table({}, SECTIONS[name], name, self.source, Path("."))
+        return _check_section({}, name, SECTIONS[name], self.source, Path("."))
 
 
 def _levels(security_table: Mapping[str, Any], security: dict[str, Any], source: str,
@@ -298,6 +389,20 @@ def _levels(security_table: Mapping[str, Any], security: dict[str, Any], source:
     return levels
 
 
+def _check_section(table: Mapping[str, Any], name: str, keys: Mapping[str, Key], source: str,
+                   base: Path) -> dict[str, Any]:
+    sub = SUBTABLES.get(name)
+    if sub is None:
+        return _check_table(table, keys, name, source, base)
+    sub_name, sub_keys = sub
+    out = _check_table(table, keys, name, source, base, subtables=lambda k, v: k == sub_name)
+    named = table.get(sub_name, {})
+    if not isinstance(named, dict) or not all(isinstance(v, dict) for v in named.values()):
+        raise ConfigError(f"{source}: [{name}.{sub_name}] must hold tables, one per name: [{name}.{sub_name}.NAME]")
+    out[sub_name] = {n: _check_table(t, sub_keys, f"{name}.{sub_name}.{n}", source, base) for n, t in named.items()}
+    return out
+
+
 def parse_config(text: str, source: str = "<config>", base: Path | None = None) -> HostConfig:
     """Parse and check the TOML text of a host configuration."""
     base = base or Path(".")
@@ -315,7 +420,7 @@ def parse_config(text: str, source: str = "<config>", base: Path | None = None) 
     security = _check_table(security_table, SECURITY_KEYS, "security", source, base,
                             subtables=lambda k, v: k in LEVELS and isinstance(v, dict))
     levels = _levels(security_table, security, source, base)
-    sections = {name: _check_table(data.get(name, {}), keys, name, source, base)
+    sections = {name: _check_section(data.get(name, {}), name, keys, source, base)
                 for name, keys in SECTIONS.items() if name not in ("pool", "security")}
     return HostConfig(source=source, pool=pool, security=security, levels=levels, sections=sections)
 
@@ -343,6 +448,14 @@ def reference_markdown() -> str:
             default = "" if key.default is None else f"`{key.default!r}`".replace("|", "\\|")
             out.append(f"| `{name}` | {default} | {key.doc} |")
         out.append("")
+        if section in SUBTABLES:
+            sub_name, sub_keys = SUBTABLES[section]
+            out.append(f"**`[{section}.{sub_name}.NAME]`**, one per {sub_name}:\n")
+            out.append("| key | default | meaning |\n| --- | --- | --- |")
+            for name, key in sub_keys.items():
+                default = "" if key.default is None else f"`{key.default!r}`".replace("|", "\\|")
+                out.append(f"| `{name}` | {default} | {key.doc} |")
+            out.append("")
         if section == "security":
             out.append(f"**`[security.LEVEL]`**, for each level ({', '.join(LEVELS)}):\n")
             out.append("| key | default | meaning |\n| --- | --- | --- |")

@@ -70,3 +70,39 @@ class IIdentitySwitch(Interface):
         supplementary groups the launcher switches to in the job's child process before it
         enters the sandbox, opens the job's stdin/stdout/stderr and execs (None: keep the
         launcher's). Called once per job, in the startd, on the reactor: must not block."""
+
+
+class IGridSubmitter(Interface):
+    """Submits glideins to one kind of Grid CE or batch system, and follows and removes them.
+
+    The factory loads one per grid kind (``grid = "local"`` in an entry; ``slurm`` and ``ssh``
+    come later) with ``from_config(config, reactor)`` and calls it for every entry of that kind
+    with the entry's configuration (a dict of [factory.entry.NAME], with its ``name``). Every
+    call returns a Deferred and must not block the reactor (external commands run through
+    ``reactor.spawnProcess``). Calls are per entry and in bulk: one status query per entry per
+    cycle, however many glideins it has, which is what a batch system can bear.
+
+    A glidein is known by the id the factory gave it (unique, safe as a file name) and by the
+    grid id the plugin returned (opaque to the factory; it keeps both in its records, so that a
+    restarted factory finds its glideins again)."""
+
+    name = Attribute("The name written in configuration, e.g. 'local'.")
+
+    def submit(entry, glideins):
+        """Submit ``glideins`` (a sequence of ``gwms.factory.grid.GlideinSubmission``: the
+        glidein id, glidein_startup.sh's arguments, the pilot credential to stage and pass
+        with ``-credential``) to the entry. Fires with a dict {glidein id: grid id} of those the
+        grid accepted; a glidein missing from it was not submitted (the plugin logs why)."""
+
+    def query(entry, grid_ids):
+        """Fires with {grid id: ``gwms.factory.grid.GridStatus``} for ``grid_ids``; an id the
+        grid no longer knows is absent from the answer."""
+
+    def remove(entry, grid_ids):
+        """Remove those glideins from the grid (running ones are told to stop: a glidein's
+        startd gets SIGTERM and lets its jobs go back to their schedds). Fires when the grid
+        has accepted the removal."""
+
+    def forget(entry, grid_ids):
+        """The factory no longer tracks these finished glideins: clean up what the plugin kept
+        for them (scratch directories, output files). Fires when done."""

@@ -206,6 +206,13 @@ class Auditor:
         if self._file is not None:
             self._file.write(json.dumps(event, sort_keys=True) + "\n")
 
+    def note(self, event: dict[str, Any]) -> None:
+        """A security event that is not an authorization decision (e.g. a factory ignoring a
+        frontend's request): logged, and written to the JSON-lines file as it is."""
+        self.log.warn("{event}", event=json.dumps(event, sort_keys=True))
+        if self._file is not None:
+            self._file.write(json.dumps(event, sort_keys=True) + "\n")
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()

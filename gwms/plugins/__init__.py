@@ -22,6 +22,9 @@ AUTH_METHODS: Mapping[str, str] = {
 IDENTITY_SWITCHES: Mapping[str, str] = {
     "none": "gwms.plugins.identity:NoIdentitySwitch",
 }
+GRID_SUBMITTERS: Mapping[str, str] = {
+    "local": "gwms.plugins.grid_local:LocalGridSubmitter",
+}
 AUTHORIZERS: Mapping[str, str] = {
     "lists": "gwms.plugins.authorization:ListAuthorizer",
 }
@@ -31,7 +34,10 @@ class UnknownPlugin(ConfigError):
     """A configuration names a plugin that does not exist or cannot be loaded."""
 
 
-def load_plugin(kind: str, name: str, stock: Mapping[str, str], interface: Any, config: HostConfig) -> Any:
+def load_plugin(kind: str, name: str, stock: Mapping[str, str], interface: Any, config: HostConfig,
+                *args: Any) -> Any:
+    """The plugin ``name`` (stock, or package.module:Class), made with ``from_config(config,
+    *args)`` (grid submitters also get the reactor) and checked against ``interface``."""
     from zope.interface.exceptions import Invalid
     from zope.interface.verify import verifyObject
 
@@ -44,7 +50,7 @@ def load_plugin(kind: str, name: str, stock: Mapping[str, str], interface: Any, 
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as e:
         raise UnknownPlugin(f"{config.source}: cannot load {kind} {name!r}: {e}") from None
-    plugin = cls.from_config(config)
+    plugin = cls.from_config(config, *args)
     try:
         verifyObject(interface, plugin)
     except Invalid as e:

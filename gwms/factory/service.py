@@ -1,0 +1,547 @@
+"""The glidein factory (``twistd -n gwms-factory --config FILE``).
+
+Each cycle the factory
+
+1. reads the frontends' requests (``glideclient`` ads) for its entries from the glidein
+   collector; a request counts only if the identity that advertised it (the collector stamps
+   ``AuthenticatedIdentity``) is allowed for the entry; others are ignored and audited;
+2. asks each entry's grid plugin, in one call per entry, where its glideins are (queued,
+   running, held, finished) and records the answers;
+3. removes held glideins, stale ones and, when a frontend asks (``ReqRemoveExcess``), idle
+   glideins beyond its request; forgets finished ones;
+4. submits glideins so that each frontend has the idle glideins it asked for at each entry,
+   within the entry's and the frontend's limits and the entry's submit rate;
+5. advertises one ``glidefactory`` ad per entry (its attributes and the factory's public key
+   for credential passing) and one ``glidefactoryclient`` monitoring ad per entry and
+   frontend (requested, idle, running, held).
+
+Glidein records live in SQLite (``gwms.factory.records``), written before each submission, so
+that a restarted factory finds its glideins again and never submits a duplicate.
+
+The glidein files are served by the factory's web server (``gwms.glidein.files``): one
+content-addressed description per entry, whose hash goes to the glidein with its submission.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from gwms import classads
+from gwms.config import HostConfig
+from gwms.factory.grid import FINISHED, HELD, QUEUED, RUNNING, GlideinSubmission, GridStatus
+from gwms.factory.records import IDLE_STATES, REMOVING, SUBMITTING, Glidein, GlideinRecords
+from gwms.protocols.client import CollectorList, query_ads
+
+log = Logger()
+
+# How long a finished glidein's record is kept (for monitoring) before it is forgotten.
+FINISHED_KEPT = 0.0
+# Remove-excess modes (glideinWMS's ReqRemoveExcess): NO keeps every glidein; WAIT and IDLE
+# remove idle glideins beyond the request (WAIT here is IDLE: a local queue has no "wait");
+# ALL also removes running glideins beyond ReqMaxGlideins.
+REMOVE_MODES = ("NO", "WAIT", "IDLE", "ALL")
+
+
+@dataclass
+class Request:
+    """One frontend group's request at one entry, as read from its glideclient ad."""
+
+    client: str  # ClientName: the frontend and group
+    identity: str  # who advertised it (authenticated)
+    idle: int  # ReqIdleGlideins
+    max_glideins: int  # ReqMaxGlideins
+    remove_excess: str  # ReqRemoveExcess
+    collectors: str  # GLIDEIN_Collector: the pool the glideins join, "host:port,..."
+    trusted: list[str]  # GLIDEIN_Trusted: identities the glideins' startds allow (the schedds)
+
+
+@dataclass
+class Entry:
+    name: str
+    settings: dict[str, Any]
+    description: str = ""  # hash of its glidein file description
+    tokens: float = 0.0  # submit-rate budget (glideins)
+    last_refill: float = 0.0
+    requests: dict[str, Request] = field(default_factory=dict)  # client -> request
+
+    @property
+    def rate_per_s(self) -> float:
+        return max(0.0, float(self.settings["submit_rate"])) / 60.0
+
+
+def _int_attr(ad: classads.ClassAd, name: str, default: int = 0) -> int:
+    value = ad.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return default
+    return max(0, int(value))
+
+
+def parse_request(ad: classads.ClassAd) -> Request | None:
+    """A request from a glideclient ad, or None if it is malformed (logged by the caller)."""
+    client = ad.get("ClientName")
+    identity = ad.get("AuthenticatedIdentity")
+    if not isinstance(client, str) or not client or not isinstance(identity, str):
+        return None
+    mode = ad.get("ReqRemoveExcess", "NO")
+    mode = mode.upper() if isinstance(mode, str) and mode.upper() in REMOVE_MODES else "NO"
+    trusted = ad.get("GLIDEIN_Trusted", [])
+    if not isinstance(trusted, list) or not all(isinstance(t, str) for t in trusted):
+        trusted = []
+    collectors = ad.get("GLIDEIN_Collector", "")
+    return Request(client, identity, _int_attr(ad, "ReqIdleGlideins"), _int_attr(ad, "ReqMaxGlideins"),
+                   mode, collectors if isinstance(collectors, str) else "", list(trusted))
+
+
+class Factory:
+    """The factory's cycle, independent of how it is run (twistd, gwms-pool, a test's clock)."""
+
+    def __init__(self, reactor: Any, config: HostConfig, records: GlideinRecords, plugins: Mapping[str, Any],
+                 collectors: CollectorList, web_url: str, public_key: str, auditor: Any = None) -> None:
+        self.reactor = reactor
+        self.config = config
+        settings = config.section("factory")
+        self.settings = settings
+        self.name = settings["name"] or f"factory@{socket.getfqdn()}"
+        self.records = records
+        self.plugins = plugins
+        self.collectors = collectors
+        self.web_url = web_url.rstrip("/") + "/"
+        self.public_key = public_key
+        self.auditor = auditor
+        now = reactor.seconds()
+        self.entries = {name: Entry(name, {**entry, "name": name}, tokens=max(1.0, entry["submit_rate"]),
+                                    last_refill=now)
+                        for name, entry in sorted(settings["entry"].items())}
+        self._refused: set[tuple[str, str, str]] = set()  # (identity, entry, client) audited already
+        self.cycles = 0
+
+    # -- one cycle -----------------------------------------------------------------------------
+    @defer.inlineCallbacks
+    def cycle(self) -> Any:
+        try:
+            ads = yield query_ads(self.collectors, "glideclient",
+                                  f"ReqFactory == {classads.quote(self.name)}")
+        except Exception as e:  # the glidein collector is down: keep the last requests
+            log.warn("factory: cannot read the frontends' requests: {error}", error=str(e))
+        else:
+            self._take_requests(ads)
+        for entry in self.entries.values():
+            try:
+                yield self._track(entry)
+                yield self._act(entry)
+            except Exception:
+                log.failure("factory: the cycle of entry {entry} failed", entry=entry.name)
+        yield self.advertise()
+        self.cycles += 1
+
+    def _take_requests(self, ads: list[classads.ClassAd]) -> None:
+        for entry in self.entries.values():
+            entry.requests = {}
+        for ad in ads:
+            request = parse_request(ad)
+            entry_name = ad.get("ReqEntry")
+            entry = self.entries.get(entry_name) if isinstance(entry_name, str) else None
+            if request is None or entry is None:
+                log.info("factory: ignoring a malformed request {name}", name=str(ad.get("Name")))
+                continue
+            if request.identity not in entry.settings["allowed_frontends"]:
+                key = (request.identity, entry.name, request.client)
+                if key not in self._refused:
+                    self._refused.add(key)
+                    self._audit(request, entry, "not in the entry's allowed_frontends")
+                continue
+            entry.requests[request.client] = request
+
+    def _audit(self, request: Request, entry: Entry, why: str) -> None:
+        event = {"event": "glidein request ignored", "identity": request.identity, "entry": entry.name,
+                 "client": request.client, "reason": why}
+        log.warn("factory: ignoring the request of {identity} ({client}) for entry {entry}: {reason}",
+                 identity=request.identity, client=request.client, entry=entry.name, reason=why)
+        if self.auditor is not None:
+            self.auditor.note(event)
+
+    # -- tracking ------------------------------------------------------------------------------
+    @defer.inlineCallbacks
+    def _track(self, entry: Entry) -> Any:
+        plugin = self.plugins[entry.settings["grid"]]
+        glideins = self.records.of_entry(entry.name)
+        known = [g for g in glideins if g.grid_id is not None]
+        statuses: dict[str, GridStatus] = yield plugin.query(entry.settings, [g.grid_id for g in known])
+        now = self.reactor.seconds()
+        changed, finished = [], []
+        for g in known:
+            status = statuses.get(g.grid_id)  # type: ignore[arg-type]
+            if status is None:
+                status = GridStatus(FINISHED, None, "unknown to the grid")
+            if status.state == FINISHED:
+                finished.append(g)
+                if g.state != FINISHED:
+                    log.info("glidein {id} at {entry} finished (exit code {code}) {reason}", id=g.glidein_id,
+                             entry=entry.name, code=status.exit_code, reason=status.reason)
+                    changed.append(self.records.set_state(g, FINISHED, now, exit_code=status.exit_code,
+                                                          reason=status.reason))
+            elif g.state == REMOVING:
+                continue  # asked to go; it will finish
+            elif status.state != g.state:
+                changed.append(self.records.set_state(g, status.state, now, reason=status.reason))
+        self.records.update(changed)
+        # A record with no grid id comes from a submission cut short by a restart: it may or
+        # may not have reached the grid; counted as idle (so nothing is submitted twice) until stale.
+        stale = [g for g in glideins if g.grid_id is None and now - g.submitted > self.settings["stale_after"]]
+        done = [g.glidein_id for g in finished if now - g.changed >= FINISHED_KEPT] + [g.glidein_id for g in stale]
+        if finished:
+            yield plugin.forget(entry.settings, [g.grid_id for g in finished])
+        self.records.forget(done)
+
+    # -- submitting and removing ---------------------------------------------------------------
+    def counts(self, glideins: list[Glidein]) -> dict[str, int]:
+        out = {"idle": 0, "running": 0, "held": 0, "removing": 0}
+        for g in glideins:
+            if g.state in IDLE_STATES:
+                out["idle"] += 1
+            elif g.state == RUNNING:
+                out["running"] += 1
+            elif g.state == HELD:
+                out["held"] += 1
+            elif g.state == REMOVING:
+                out["removing"] += 1
+        out["total"] = out["idle"] + out["running"] + out["held"] + out["removing"]
+        return out
+
+    @defer.inlineCallbacks
+    def _act(self, entry: Entry) -> Any:
+        plugin = self.plugins[entry.settings["grid"]]
+        now = self.reactor.seconds()
+        glideins = self.records.of_entry(entry.name)
+        to_remove: list[Glidein] = []
+        for g in glideins:
+            if g.grid_id is None or g.state in (FINISHED, REMOVING):
+                continue
+            if g.state == HELD:
+                to_remove.append(g)
+            elif g.state == QUEUED and now - g.submitted > self.settings["stale_after"]:
+                to_remove.append(g)
+        for client, request in entry.requests.items():
+            mine = [g for g in glideins if g.client == client and g.grid_id is not None and g not in to_remove]
+            to_remove += self._excess(mine, request)
+        # Clients that no longer ask for anything keep their glideins (they end when idle).
+        if to_remove:
+            yield plugin.remove(entry.settings, [g.grid_id for g in to_remove])
+            self.records.update([self.records.set_state(g, REMOVING, now) for g in to_remove])
+            log.info("factory: removing {n} glideins at {entry}", n=len(to_remove), entry=entry.name)
+        if entry.settings["enabled"]:
+            yield self._submit(entry, plugin, now)
+
+    @staticmethod
+    def _excess(glideins: list[Glidein], request: Request) -> list[Glidein]:
+        if request.remove_excess == "NO":
+            return []
+        idle = sorted((g for g in glideins if g.state == QUEUED), key=lambda g: g.submitted, reverse=True)
+        out = idle[:max(0, len(idle) - request.idle)]
+        if request.remove_excess == "ALL":
+            left = [g for g in glideins if g.state in (QUEUED, RUNNING) and g not in out]
+            newest_first = sorted(left, key=lambda g: g.submitted, reverse=True)
+            out += newest_first[:max(0, len(left) - request.max_glideins)]
+        return out
+
+    def _budget(self, entry: Entry, now: float) -> int:
+        capacity = max(1.0, float(entry.settings["submit_rate"]))
+        entry.tokens = min(capacity, entry.tokens + (now - entry.last_refill) * entry.rate_per_s)
+        entry.last_refill = now
+        return int(entry.tokens)
+
+    def allocate(self, entry: Entry, budget: int) -> dict[str, int]:
+        """How many glideins to submit now for each client's request at ``entry``: what each
+        asks for (idle and max), within the frontend's limits at the entry, sharing the entry's
+        room (max idle, max glideins, the submit-rate budget) round robin, so that one
+        frontend's large request does not starve another's."""
+        settings = entry.settings
+        glideins = self.records.of_entry(entry.name)
+        at_entry = self.counts(glideins)
+        if at_entry["held"] >= settings["max_held"]:
+            return {}
+        room = min(settings["max_idle"] - at_entry["idle"], settings["max_glideins"] - at_entry["total"], budget)
+        wants: dict[str, int] = {}
+        identity_room: dict[str, int] = {}
+        for client, request in sorted(entry.requests.items()):
+            mine = self.counts([g for g in glideins if g.client == client])
+            wants[client] = max(0, min(request.idle - mine["idle"], request.max_glideins - mine["total"]))
+            if request.identity not in identity_room:
+                limits = settings["frontend_limits"].get(request.identity, {})
+                theirs = self.counts([g for g in glideins if g.identity == request.identity])
+                identity_room[request.identity] = 0 if theirs["held"] >= limits.get("max_held", 1 << 62) else min(
+                    limits.get("max_idle", 1 << 62) - theirs["idle"],
+                    limits.get("max_glideins", 1 << 62) - theirs["total"])
+        out = dict.fromkeys(wants, 0)
+        while room > 0:
+            progress = False
+            for client, want in wants.items():
+                identity = entry.requests[client].identity
+                if room > 0 and out[client] < want and identity_room[identity] > 0:
+                    out[client] += 1
+                    identity_room[identity] -= 1
+                    room -= 1
+                    progress = True
+            if not progress:
+                break
+        return {c: n for c, n in out.items() if n > 0}
+
+    @defer.inlineCallbacks
+    def _submit(self, entry: Entry, plugin: Any, now: float) -> Any:
+        for client, n in self.allocate(entry, self._budget(entry, now)).items():
+            request = entry.requests[client]
+            new = [Glidein(f"{entry.name}-{secrets.token_hex(6)}", entry.name, client, request.identity, now,
+                           changed=now) for _ in range(n)]
+            self.records.add(new)  # durable before the grid sees them
+            submissions = [GlideinSubmission(g.glidein_id, self.glidein_arguments(entry, request, g.glidein_id),
+                                             entry.settings["credential"] or self.settings["credential"])
+                           for g in new]
+            try:
+                accepted: dict[str, str] = yield plugin.submit(entry.settings, submissions)
+            except Exception as e:
+                log.warn("factory: submitting to {entry} failed: {error}", entry=entry.name, error=str(e))
+                accepted = {}
+            self.records.update([self.records.set_state(g, QUEUED, now, grid_id=accepted[g.glidein_id])
+                                 for g in new if g.glidein_id in accepted])
+            self.records.forget([g.glidein_id for g in new if g.glidein_id not in accepted])
+            entry.tokens -= len(new)
+            log.info("factory: submitted {n} glideins to {entry} for {client}", n=len(accepted), entry=entry.name,
+                     client=client)
+
+    def glidein_arguments(self, entry: Entry, request: Request, glidein_id: str) -> tuple[str, ...]:
+        """glidein_startup.sh's options (the plugin adds -credential and -workdir)."""
+        s = entry.settings
+        args = ["-web", self.web_url, "-descript", entry.description, "-entry", entry.name,
+                "-factory", self.name, "-client", request.client, "-name", glidein_id,
+                "-collectors", request.collectors, "-lifetime", f"{s['max_walltime']:g}",
+                "-retire", f"{0.9 * s['max_walltime']:g}", "-idle", f"{s['max_idle_time']:g}",
+                "-failure_backoff", f"{s['failure_backoff']:g}", "-listen", s["worker_listen"]]
+        for identity in request.trusted:
+            args += ["-trusted", identity]
+        if s["python"]:
+            args += ["-python", s["python"]]
+        return tuple(args)
+
+    # -- advertising ---------------------------------------------------------------------------
+    def entry_ad(self, entry: Entry) -> classads.ClassAd:
+        s = entry.settings
+        ad = classads.ClassAd()
+        ad["MyType"] = "glidefactory"
+        ad["Name"] = f"{entry.name}@{self.name}"
+        ad["FactoryName"] = self.name
+        ad["EntryName"] = entry.name
+        ad["GlideinEnabled"] = bool(s["enabled"])
+        ad["GLIDEIN_Grid"] = s["grid"]
+        ad["GLIDEIN_Contact"] = s["contact"]
+        ad["GLIDEIN_Max_Walltime"] = int(s["max_walltime"])
+        ad["GLIDEIN_Max_Idle"] = int(s["max_idle_time"])
+        for name, value in s["attributes"].items():
+            ad[name] = value
+        ad["PubKeyType"] = "RSA"
+        ad["PubKeyValue"] = self.public_key
+        counts = self.counts(self.records.of_entry(entry.name))
+        ad["GlideinMonitorTotalStatusIdle"] = counts["idle"]
+        ad["GlideinMonitorTotalStatusRunning"] = counts["running"]
+        ad["GlideinMonitorTotalStatusHeld"] = counts["held"]
+        ad["ClassAdLifetime"] = int(max(3 * self.settings["cycle_interval"], 60))
+        return ad
+
+    def client_ads(self, entry: Entry) -> list[classads.ClassAd]:
+        glideins = self.records.of_entry(entry.name)
+        clients = sorted(set(entry.requests) | {g.client for g in glideins})
+        ads = []
+        for client in clients:
+            request = entry.requests.get(client)
+            counts = self.counts([g for g in glideins if g.client == client])
+            ad = classads.ClassAd()
+            ad["MyType"] = "glidefactoryclient"
+            ad["Name"] = f"{entry.name}@{self.name}@{client}"
+            ad["ReqFactory"] = self.name
+            ad["ReqEntry"] = entry.name
+            ad["ReqClientName"] = client
+            ad["GlideinMonitorRequestedIdle"] = request.idle if request else 0
+            ad["GlideinMonitorRequestedMaxGlideins"] = request.max_glideins if request else 0
+            ad["GlideinMonitorStatusIdle"] = counts["idle"]
+            ad["GlideinMonitorStatusRunning"] = counts["running"]
+            ad["GlideinMonitorStatusHeld"] = counts["held"]
+            ad["GlideinMonitorStatusRemoving"] = counts["removing"]
+            ad["ClassAdLifetime"] = int(max(3 * self.settings["cycle_interval"], 60))
+            ads.append(ad)
+        return ads
+
+    @defer.inlineCallbacks
+    def advertise(self) -> Any:
+        ads = []
+        for entry in self.entries.values():
+            ads.append(self.entry_ad(entry))
+            ads += self.client_ads(entry)
+        results = yield defer.DeferredList([self.collectors.advertise(ad, "ADVERTISE_FACTORY") for ad in ads],
+                                           consumeErrors=True)
+        for _ok, per_collector in results:
+            for r in per_collector if isinstance(per_collector, list) else [per_collector]:
+                if hasattr(r, "getErrorMessage"):
+                    log.warn("factory: advertising failed: {error}", error=r.getErrorMessage())
+                    return
+
+
+def publish_entry_files(config: HostConfig, store: Path) -> dict[str, str]:
+    """Publish every entry's glidein files into the web store; {entry: description hash}.
+
+    Each entry's set is the stock validation scripts, the site's own, the CA bundle, the
+    entry's attributes (so that they reach the glidein integrity-checked) and the wheelhouse."""
+    from gwms.glidein.files import publish, stock_validation_scripts
+
+    settings = config.section("factory")
+    common: list[tuple[str, str, Any]] = [("validate", p.name, p) for p in stock_validation_scripts()]
+    common += [("validate", Path(p).name, Path(p)) for p in settings["validation_scripts"]]
+    ca = settings["ca"] or config.pool["ca"]
+    if ca is not None:
+        common.append(("ca", "ca.pem", Path(ca)))
+    wheels = sorted(Path(settings["wheelhouse"]).glob("*.whl")) if settings["wheelhouse"] else []
+    common += [("wheel", w.name, w) for w in wheels]
+    out = {}
+    for name, entry in settings["entry"].items():
+        attrs = {**entry["attributes"], "GLIDEIN_Max_Walltime": int(entry["max_walltime"])}
+        lines = "".join(f"{k}={_attr_text(v)}\n" for k, v in sorted(attrs.items()))
+        out[name] = publish(store, [*common, ("attrs", "entry.attrs", lines.encode("utf-8"))])
+    return out
+
+
+def _attr_text(value: Any) -> str:
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    if "\n" in text or "\r" in text or "\0" in text:
+        raise ValueError(f"entry attribute values are one line: {value!r}")
+    return text
+
+
+def factory_key(path: Path) -> str:
+    """The factory's RSA key (made on first start, mode 0600); returns the public key in PEM.
+    Frontends encrypt credentials for the factory with it."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    path = Path(path)
+    if path.exists():
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    else:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb", opener=lambda p, f: __import__("os").open(p, f, 0o600)) as out:
+            out.write(pem)
+        tmp.replace(path)
+    public = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+    return public.decode("ascii")
+
+
+class FactoryService(service.MultiService):
+    """The factory as a daemon: its web server, its cycle, its records."""
+
+    def __init__(self, reactor: Any, config: HostConfig, collectors: CollectorList | None = None) -> None:
+        from gwms.daemon import client_security, collectors as pool_collectors
+        from gwms.interfaces import IGridSubmitter
+        from gwms.plugins import GRID_SUBMITTERS, load_plugin
+        from gwms.protocols.client import Address
+        from gwms.protocols.messages import Limits
+        from gwms.security import Auditor
+
+        super().__init__()
+        self.reactor = reactor
+        self.config = config
+        settings = config.section("factory")
+        self.settings = settings
+        work = Path(settings["work_dir"])
+        work.mkdir(parents=True, exist_ok=True)
+        self.store = work / "web"
+        self.descriptions = publish_entry_files(config, self.store)
+        if collectors is None:
+            if settings["collectors"]:
+                collectors = CollectorList(reactor, [Address(host=h, port=p) for h, p in settings["collectors"]],
+                                        client_security(config), Limits.from_pool(config.pool),
+                                        connect_timeout=config.pool["connect_timeout"])
+            else:
+                collectors = pool_collectors(reactor, config)
+        self.collectors = collectors
+        kinds = sorted({entry["grid"] for entry in settings["entry"].values()})
+        self.plugins = {kind: load_plugin("grid submitter", kind, GRID_SUBMITTERS, IGridSubmitter, config, reactor)
+                        for kind in kinds}
+        self.records = GlideinRecords(work / "factory.db")
+        self.public_key = factory_key(work / "factory_key.pem")
+        self.auditor = Auditor(config.pool["audit_log"])
+        self.factory: Factory | None = None
+        self.web_port: Any = None
+        self._loop: LoopingCall | None = None
+
+    def startService(self) -> None:
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+        from twisted.web.server import Site
+
+        from gwms.glidein.files import GlideinFilesResource
+
+        super().startService()
+        host, port = self.settings["web_listen"]
+        site = Site(GlideinFilesResource(self.store))
+        site.displayTracebacks = False
+        d = TCP4ServerEndpoint(self.reactor, port, interface=host).listen(site)
+        d.addCallback(self._listening)
+        d.addErrback(lambda f: (log.failure("factory: cannot start the web server", f), self.reactor.stop()))
+
+    def _listening(self, port: Any) -> None:
+        self.web_port = port
+        bound = port.getHost()
+        url = self.settings["web_url"] or f"http://{bound.host}:{bound.port}/"
+        if self.settings["address_file"]:
+            path = Path(self.settings["address_file"])
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(url + "\n")
+            tmp.replace(path)
+        self.factory = Factory(self.reactor, self.config, self.records, self.plugins, self.collectors, url,
+                               self.public_key, self.auditor)
+        for name, entry in self.factory.entries.items():
+            entry.description = self.descriptions[name]
+        log.info("factory {name}: {n} entries, glidein files at {url}", name=self.factory.name,
+                 n=len(self.factory.entries), url=url)
+        self._loop = LoopingCall(self._cycle)
+        self._loop.clock = self.reactor
+        self._loop.start(self.settings["cycle_interval"], now=True)
+
+    def _cycle(self) -> Any:
+        assert self.factory is not None
+        return self.factory.cycle().addErrback(lambda f: log.failure("factory cycle failed", f))
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        if self.web_port is not None:
+            yield self.web_port.stopListening()
+        self.collectors.close()
+        self.records.close()
+        self.auditor.close()
+        yield super().stopService()
+
+
+from gwms.daemon import DaemonOptions  # noqa: E402  (twistd's Options for the role)
+
+
+class Options(DaemonOptions):
+    pass
+
+
+def makeService(options: Options) -> service.IService:
+    from twisted.internet import reactor
+
+    return FactoryService(reactor, options["host_config"])

@@ -1,0 +1,252 @@
+"""The factory's cycle in memory: requests, limits, submission rate, tracking, removal, restart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.testing import MemoryReactorClock
+
+from gwms import classads
+from gwms.collector.service import Collector
+from gwms.config import parse_config
+from gwms.factory.grid import HELD, QUEUED, RUNNING
+from gwms.factory.records import GlideinRecords
+from gwms.factory.service import Factory
+from gwms.protocols.client import Address, CollectorList, query_ads
+from gwms.protocols.messages import Limits, MessageServerFactory
+from gwms.security import Auditor
+from gwms.testing.grid import FakeGridSubmitter
+from gwms.testing.network import TEST_SECURITY, MemoryNetwork, memory_client_security, memory_security
+
+COLLECTOR = "glidein-collector.memory:9620"
+
+CONFIG = TEST_SECURITY + """
+[pool]
+collectors = ["glidein-collector.memory:9620"]
+[security.READ]
+allow = ["*"]
+[security.ADVERTISE_FACTORY]
+allow = ["factory"]
+[security.ADVERTISE_FRONTEND]
+allow = ["frontend1", "frontend2", "mallory"]
+[factory]
+name = "f1"
+work_dir = "{work}"
+cycle_interval = 10
+stale_after = 3600
+[factory.entry.A]
+grid = "fake"
+attributes = {{GLIDEIN_Site = "SiteA", GLIDEIN_CPUS = 2}}
+allowed_frontends = ["frontend1", "frontend2"]
+max_idle = 8
+max_glideins = 12
+max_held = 3
+submit_rate = 600
+frontend_limits = {{frontend2 = {{max_idle = 2}}}}
+[factory.entry.B]
+grid = "fake"
+attributes = {{GLIDEIN_Site = "SiteB"}}
+allowed_frontends = ["frontend1"]
+submit_rate = 60
+enabled = {enabled_b}
+"""
+
+
+class Env:
+    def __init__(self, tmp_path: Path, enabled_b: bool = True) -> None:
+        self.tmp_path = tmp_path
+        self.clock = MemoryReactorClock()
+        self.clock.advance(1_700_000_000)
+        self.config = parse_config(CONFIG.format(work=tmp_path / "factory", enabled_b=str(enabled_b).lower()),
+                                   "<test>", base=tmp_path)
+        self.net = MemoryNetwork(self.clock)
+        settings = parse_config(TEST_SECURITY).section("collector")
+        self.collector = Collector(self.clock, settings, "glidein-collector")
+        self.net.listen(COLLECTOR, MessageServerFactory(self.clock, memory_security(self.config),
+                                                        self.collector.commands(), Limits()))
+        self.grid = FakeGridSubmitter()
+        self.audit_file = tmp_path / "audit.jsonl"
+        self.records = GlideinRecords(tmp_path / "factory" / "factory.db")
+        self.factory = self.make_factory()
+
+    def collectors(self, identity: str) -> CollectorList:
+        return CollectorList(self.clock, [Address(host="glidein-collector.memory", port=9620)],
+                             memory_client_security(self.config, identity), connector=self.net.connector)
+
+    def make_factory(self) -> Factory:
+        factory = Factory(self.clock, self.config, self.records, {"fake": self.grid}, self.collectors("factory"),
+                          "http://factory.memory/", "PUBLIC KEY", Auditor(self.audit_file))
+        for entry in factory.entries.values():
+            entry.description = "0" * 64
+        return factory
+
+    def run(self, d: defer.Deferred) -> object:
+        out: list = []
+        d.addBoth(out.append)
+        for _ in range(50):
+            if out:
+                break
+            self.net.flush()
+            self.clock.advance(0)
+        assert out, "the deferred never fired"
+        if hasattr(out[0], "raiseException"):
+            out[0].raiseException()
+        return out[0]
+
+    def request(self, identity: str, entry: str, idle: int, max_glideins: int = 100, remove: str = "NO",
+                client: str | None = None) -> None:
+        ad = classads.ClassAd()
+        client = client or f"{identity}.main"
+        ad["MyType"] = "glideclient"
+        ad["Name"] = f"{entry}@f1@{client}"
+        ad["ClientName"] = client
+        ad["ReqFactory"] = "f1"
+        ad["ReqEntry"] = entry
+        ad["ReqName"] = f"{entry}@f1"
+        ad["ReqIdleGlideins"] = idle
+        ad["ReqMaxGlideins"] = max_glideins
+        ad["ReqRemoveExcess"] = remove
+        ad["GLIDEIN_Collector"] = "pool.memory:9618"
+        ad["GLIDEIN_Trusted"] = ["/CN=schedd"]
+        self.run(self.collectors(identity).advertise(ad, "ADVERTISE_FRONTEND"))
+
+    def cycle(self, advance: float = 10) -> None:
+        self.clock.advance(advance)
+        self.run(self.factory.cycle())
+
+    def ads(self, ad_type: str) -> list[classads.ClassAd]:
+        return self.run(query_ads(self.collectors("reader"), ad_type))  # type: ignore[return-value]
+
+    def states(self, entry: str = "A") -> dict[str, int]:
+        out: dict[str, int] = {}
+        for g in self.records.of_entry(entry):
+            out[g.state] = out.get(g.state, 0) + 1
+        return out
+
+
+@pytest.fixture
+def env(tmp_path):
+    return Env(tmp_path)
+
+
+def test_the_factory_keeps_the_requested_idle_glideins_and_advertises_its_entries(env):
+    env.request("frontend1", "A", idle=5)
+    env.cycle()
+    assert env.states() == {QUEUED: 5}
+    [submitted] = [c for c in env.grid.calls if c[0] == "submit"]
+    assert submitted == ("submit", "A", 5)
+    args = list(next(iter(env.grid.submissions.values())).arguments)
+    assert args[args.index("-collectors") + 1] == "pool.memory:9618"
+    assert args[args.index("-trusted") + 1] == "/CN=schedd" and args[args.index("-client") + 1] == "frontend1.main"
+    env.cycle()  # still 5 idle: nothing more
+    assert env.states() == {QUEUED: 5}
+    env.grid.start(3)
+    env.cycle()  # 3 started: 3 more to keep 5 idle
+    assert env.states() == {QUEUED: 5, RUNNING: 3}
+    entries = {ad["EntryName"]: ad for ad in env.ads("glidefactory")}
+    assert sorted(entries) == ["A", "B"]
+    assert entries["A"]["GLIDEIN_Site"] == "SiteA" and entries["A"]["GLIDEIN_CPUS"] == 2
+    assert entries["A"]["PubKeyValue"] == "PUBLIC KEY" and entries["A"]["AuthenticatedIdentity"] == "factory"
+    [monitor] = env.ads("glidefactoryclient")
+    assert (monitor["ReqClientName"], monitor["GlideinMonitorRequestedIdle"], monitor["GlideinMonitorStatusIdle"],
+            monitor["GlideinMonitorStatusRunning"]) == ("frontend1.main", 5, 5, 3)
+    # one status query per entry per cycle, however many glideins
+    assert [c for c in env.grid.calls if c[0] == "query" and c[1] == "A"] == [
+        ("query", "A", 0), ("query", "A", 5), ("query", "A", 5)]
+
+
+def test_a_request_from_a_frontend_not_allowed_for_the_entry_submits_nothing_and_is_audited(env):
+    env.request("mallory", "A", idle=5)
+    env.request("frontend2", "B", idle=5)  # frontend2 may use A only
+    env.cycle()
+    env.cycle()
+    assert env.grid.submissions == {}
+    events = [json.loads(line) for line in env.audit_file.read_text().splitlines()]
+    assert sorted((e["identity"], e["entry"], e["reason"]) for e in events) == [
+        ("frontend2", "B", "not in the entry's allowed_frontends"),
+        ("mallory", "A", "not in the entry's allowed_frontends")]  # once each, not every cycle
+
+
+def test_entry_and_frontend_limits_and_the_submit_rate_bound_submission(env):
+    env.request("frontend1", "A", idle=50, max_glideins=100)
+    env.request("frontend2", "A", idle=50)
+    env.request("frontend1", "B", idle=80)
+    env.cycle()
+    by_client = {}
+    for g in env.records.of_entry("A"):
+        by_client[g.client] = by_client.get(g.client, 0) + 1
+    assert by_client == {"frontend1.main": 6, "frontend2.main": 2}  # frontend2 max_idle 2; entry max_idle 8
+    assert len(env.records.of_entry("B")) == 60  # B's rate: 60 a minute, a minute's worth at once
+    env.grid.start()
+    env.cycle()
+    assert env.states()[QUEUED] + env.states()[RUNNING] == 12  # A's max_glideins
+    assert len(env.records.of_entry("B")) == 70  # 10 s of 60 a minute later: 10 more
+    env.cycle(advance=5)
+    assert len(env.records.of_entry("B")) == 75
+
+
+def test_held_glideins_are_removed_and_too_many_held_stop_submission(env):
+    env.request("frontend1", "A", idle=4)
+    env.cycle()
+    for grid_id in env.grid.in_state(QUEUED):
+        env.grid.hold(grid_id)
+    env.cycle()
+    assert ("remove", "A", 4) in env.grid.calls  # held: removed at once
+    env.cycle()
+    assert HELD not in env.states()
+
+
+def test_remove_excess_idle_removes_the_newest_idle_glideins_beyond_the_request(env):
+    env.request("frontend1", "A", idle=6)
+    env.cycle()
+    env.grid.start(2)
+    env.request("frontend1", "A", idle=1, remove="IDLE")
+    env.cycle()
+    assert ("remove", "A", 3) in env.grid.calls  # 4 idle, 1 wanted; running ones stay
+    env.cycle()
+    assert env.states() == {QUEUED: 1, RUNNING: 2}
+
+
+def test_a_disabled_entry_submits_nothing_but_is_advertised(tmp_path):
+    env = Env(tmp_path, enabled_b=False)
+    env.request("frontend1", "B", idle=5)
+    env.cycle()
+    assert env.records.of_entry("B") == []
+    [b] = [ad for ad in env.ads("glidefactory") if ad["EntryName"] == "B"]
+    assert b["GlideinEnabled"] is False
+
+
+def test_a_restarted_factory_finds_its_glideins_and_submits_no_duplicates(env):
+    env.request("frontend1", "A", idle=5)
+    env.cycle()
+    env.records.close()
+    env.records = GlideinRecords(env.tmp_path / "factory" / "factory.db")
+    env.factory = env.make_factory()  # same grid, new factory process
+    env.cycle()
+    env.cycle()
+    assert len(env.grid.submissions) == 5 and env.states() == {QUEUED: 5}
+
+
+def test_a_glidein_recorded_but_never_handed_to_the_grid_counts_until_it_is_stale(env):
+    env.grid.fail_submit = "the CE is down"
+    env.request("frontend1", "A", idle=3)
+    env.cycle()
+    assert env.records.of_entry("A") == []  # the failed submission is not left recorded
+    env.grid.fail_submit = None
+    env.cycle()
+    assert env.states() == {QUEUED: 3}
+
+
+def test_finished_glideins_are_forgotten_and_replaced(env):
+    env.request("frontend1", "A", idle=2)
+    env.cycle()
+    first = env.grid.in_state(QUEUED)
+    env.grid.start()
+    for grid_id in first:
+        env.grid.finish(grid_id)
+    env.cycle()
+    assert all(g.grid_id not in first for g in env.records.of_entry("A"))
+    assert env.states() == {QUEUED: 2}
