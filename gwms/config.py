@@ -234,6 +234,15 @@ GROUP_KEYS: dict[str, Key] = {
                                         "or ALL (glideinWMS's ReqRemoveExcess)."),
 }
 
+# `twistd -n gwms-pool`: every central role of a one-host pool in one process.
+ONEHOST_KEYS: dict[str, Key] = {
+    "glidein_collector_listen": Key("address", "127.0.0.1:9619", "TCP address of the glidein collector (the "
+                                                                  "pool's collector is [collector] listen)."),
+    "glidein_collector_address_file": Key("path", None, "File the glidein collector writes its address to."),
+    "credentials": Key("path", "credentials", "Where gwms-pool makes (once) and keeps the pool's CA, host and "
+                                              "glidein certificates when [pool] ca is not set."),
+}
+
 # Sections with named sub-tables of their own schema: [factory.entry.NAME], [frontend.group.NAME].
 SUBTABLES: dict[str, tuple[str, dict[str, Key]]] = {
     "factory": ("entry", ENTRY_KEYS),
@@ -249,6 +258,7 @@ SECTIONS: dict[str, dict[str, Key]] = {
     "negotiator": NEGOTIATOR_KEYS,
     "factory": FACTORY_KEYS,
     "frontend": FRONTEND_KEYS,
+    "onehost": ONEHOST_KEYS,
 }
 
 

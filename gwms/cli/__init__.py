@@ -17,12 +17,12 @@ class UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gwms.cli import credentials, demo, jobs, status
+    from gwms.cli import credentials, demo, glideins, jobs, status
 
     parser = argparse.ArgumentParser(prog="gwms", description="gwms pool tools")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
-    for module in (status, jobs, credentials, demo):
+    for module in (status, jobs, glideins, credentials, demo):
         module.register(subparsers)
     return parser
 

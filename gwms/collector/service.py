@@ -28,6 +28,14 @@ def _owner(request: Request) -> str:
     return f"{request.identity.method}:{request.identity.name}"
 
 
+def _my_type(ad: classads.ClassAd) -> str:
+    """The type of an advertised ad: its MyType (a slot ad's TargetType is "Job")."""
+    value = ad.get("MyType")
+    if not isinstance(value, str) or not value:
+        raise CommandError("MALFORMED_AD", "an advertised ad needs a string MyType")
+    return value
+
+
 def _target_type(ad: classads.ClassAd) -> str:
     value = ad.get("TargetType", ad.get("MyType"))
     if not isinstance(value, str) or not value:
@@ -46,7 +54,7 @@ class Collector:
 
     def commands(self) -> list[Command]:
         return [
-            Command("UPDATE", lambda ad: advertise_level(_target_type(ad)), self.update),
+            Command("UPDATE", lambda ad: advertise_level(_my_type(ad)), self.update),
             Command("INVALIDATE", lambda ad: advertise_level(_target_type(ad)), self.invalidate),
             Command("QUERY", "READ", self.query),
             Command("QUERY_PRIVATE", "NEGOTIATOR", self.query),

@@ -29,7 +29,7 @@ from gwms.credentials.x509 import (
     _signing_hash,
 )
 
-__all__ = ["init_ca", "issue_host", "issue_user", "CA_CERT", "CA_KEY"]
+__all__ = ["init_ca", "issue_host", "issue_pilot", "issue_user", "CA_CERT", "CA_KEY"]
 
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
@@ -200,6 +200,17 @@ def issue_host(directory: Path, hostname: str, days: int = 825,
         if gn not in sans:
             sans.append(gn)
     return _issue(directory, "host", hostname, days, "Hosts", sans,
+                  [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+
+
+def issue_pilot(directory: Path, name: str = "glidein", hostname: str = "localhost",
+                days: int = 30) -> tuple[Path, Path]:
+    """Issue a pilot certificate (OU=Pilots): the credential a factory gives its glideins, whose
+    startds present it both to the collector (as a client) and to schedds (as a server, so its
+    SAN names the host the glideins run on: ``localhost`` for a one-host pool)."""
+    _check_name(name, "pilot name")
+    names = [hostname, "127.0.0.1", "::1"] if hostname == "localhost" else [hostname]
+    return _issue(directory, "pilot", name, days, "Pilots", [_general_name(n) for n in names],
                   [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
 
 

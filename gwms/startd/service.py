@@ -654,7 +654,6 @@ class StartdService(service.MultiService):
         for slot in list(self.startd.slots.values()):
             self.advertise(slot)
 
-    @defer.inlineCallbacks
     def _housekeep(self) -> None:
         self.startd.housekeeping()
         self.startd.lifetime_check()
@@ -664,6 +663,7 @@ class StartdService(service.MultiService):
         which tells the shadows, gives jobs their grace and kills them."""
         self.reactor.stop()
 
+    @defer.inlineCallbacks
     def stopService(self) -> Any:
         for loop in (self._updates, self._housekeeping):
             if loop.running:

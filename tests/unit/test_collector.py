@@ -173,7 +173,7 @@ def test_malformed_update_is_refused_and_nothing_stored_is_lost(pool):
     pool.call(startd, "UPDATE", SLOT)
     with pytest.raises(CommandError) as e:
         pool.call(startd, "UPDATE", '[Name = "x"]')
-    assert e.value.code == "MALFORMED_AD" and "TargetType" in e.value.message
+    assert e.value.code == "MALFORMED_AD" and "MyType" in e.value.message
     with pytest.raises(CommandError) as e:
         pool.call(startd, "UPDATE", '[MyType = "Machine"; Name = 3]')
     assert e.value.code == "MALFORMED_AD" and "string attribute Name" in e.value.message

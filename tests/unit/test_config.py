@@ -7,8 +7,8 @@ from gwms.config import ConfigError, load_config, parse_config
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_onehost_example_parses_with_paths_relative_to_the_file():
-    config = load_config(ROOT / "conf" / "onehost.toml")
+def test_static_pool_example_parses_with_paths_relative_to_the_file():
+    config = load_config(ROOT / "conf" / "static-pool.toml")
     assert config.pool["ca"] == ROOT / "conf" / "creds" / "ca.pem"
     assert config.pool["collectors"] == [("127.0.0.1", 9618)]
     assert config.levels["READ"].allow == ("*",)

@@ -12,3 +12,12 @@ gwms_schedd = ServiceMaker(
 gwms_negotiator = ServiceMaker(
     "gwms negotiator", "gwms.negotiator.service", "The gwms negotiator: matchmaking and fair share.",
     "gwms-negotiator")
+gwms_factory = ServiceMaker(
+    "gwms factory", "gwms.factory.service", "The gwms glidein factory: entries, glidein submission, file serving.",
+    "gwms-factory")
+gwms_frontend = ServiceMaker(
+    "gwms frontend", "gwms.frontend.service", "The gwms VO frontend: asks factories for glideins where jobs wait.",
+    "gwms-frontend")
+gwms_pool = ServiceMaker(
+    "gwms pool", "gwms.pool", "A whole one-host pool in one process: collectors, negotiator, schedd, factory "
+    "with local glideins, frontend.", "gwms-pool")

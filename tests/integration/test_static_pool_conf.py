@@ -1,4 +1,4 @@
-"""conf/onehost.toml works when its credentials are made with the commands its header names, and
+"""conf/static-pool.toml works when its credentials are made with the commands its header names, and
 a second collector instance serves as the glideinWMS collector with its own configuration."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def onehost_in(tmp_path: Path, gwms_cli) -> Path:
-    """conf/onehost.toml copied to tmp_path, its header's commands run there, on a free port."""
-    text = (ROOT / "conf" / "onehost.toml").read_text()
+    """conf/static-pool.toml copied to tmp_path, its header's commands run there, on a free port."""
+    text = (ROOT / "conf" / "static-pool.toml").read_text()
     commands = re.findall(r"^#\s+gwms ((?:ca|token) .+)$", text, flags=re.M)
     assert len(commands) == 4, commands
     for command in commands:
@@ -27,7 +27,7 @@ def onehost_in(tmp_path: Path, gwms_cli) -> Path:
         result = gwms_cli(*args)
         assert result.returncode == 0, (command, result.stderr)
     text = text.replace('listen = "127.0.0.1:9618"', 'listen = "127.0.0.1:0"\naddress_file = "collector.address"')
-    config = tmp_path / "onehost.toml"
+    config = tmp_path / "static-pool.toml"
     config.write_text(text)
     return config
 

@@ -1,0 +1,391 @@
+#!/bin/sh
+# glidein_startup.sh: the glidein (pilot job) a gwms factory submits to a batch site.
+#
+# It downloads the glidein files over plain HTTP from the factory's web server, checks each one by
+# hash against a description whose own SHA-256 came with the submission (the trusted channel),
+# runs the validation scripts, writes the startd's configuration and runs gwms-startd until the
+# startd exits or the batch system tells the glidein to stop.
+#
+# POSIX sh on purpose: it must run under whatever /bin/sh a worker node has (dash on Debian,
+# busybox, bash), before anything of ours is installed there. So: no arrays, no `local`, printf
+# instead of echo for data (dash's echo interprets backslashes), and the few tools it needs
+# have fallbacks (curl, wget or Python to fetch; sha*sum, openssl or Python to hash).
+
+usage() {
+    if [ -n "$1" ]; then printf 'gwms glidein: %s\n' "$1" >&2; fi
+    cat >&2 <<'USAGE'
+usage: glidein_startup.sh -web URL -descript SHA256 -entry NAME -factory NAME -client NAME
+           -name ID -collectors HOST:PORT[,HOST:PORT...] -trusted IDENTITY [-trusted IDENTITY...]
+           -credential PATH -lifetime SECONDS [-retire SECONDS] [-idle SECONDS]
+           [-credential_margin SECONDS] [-failure_backoff SECONDS] [-listen HOST]
+           [-python PATH] [-workdir DIR]
+USAGE
+    exit 2
+}
+
+die() {
+    printf 'gwms glidein: %s\n' "$*" >&2
+    exit 1
+}
+
+say() {
+    printf 'gwms glidein: %s\n' "$*"
+}
+
+nl='
+'
+
+# ---------------------------------------------------------------------------------------------
+# Options (glideinWMS style: single dash, each with a value)
+
+web= descript= entry= factory= client= name= collectors= credential= lifetime= retire=
+idle=1200 margin=300 backoff=0 listen=127.0.0.1 python=python3 workdir=
+trusted=
+while [ $# -gt 0 ]; do
+    opt=$1
+    case $opt in
+        -web|-descript|-entry|-factory|-client|-name|-collectors|-trusted|-credential|-lifetime|\
+        -retire|-idle|-credential_margin|-failure_backoff|-listen|-python|-workdir) ;;
+        *) usage "unknown option: $opt" ;;
+    esac
+    [ $# -ge 2 ] || usage "option $opt needs a value"
+    value=$2
+    # glidein_config holds one KEY=VALUE per line: a newline in a value would forge settings.
+    case $value in *"$nl"*) usage "the value of $opt contains a newline" ;; esac
+    case $opt in
+        -web) web=$value ;;
+        -descript) descript=$value ;;
+        -entry) entry=$value ;;
+        -factory) factory=$value ;;
+        -client) client=$value ;;
+        -name) name=$value ;;
+        -collectors) collectors=$value ;;
+        -trusted) trusted=$trusted$value$nl ;;
+        -credential) credential=$value ;;
+        -lifetime) lifetime=$value ;;
+        -retire) retire=$value ;;
+        -idle) idle=$value ;;
+        -credential_margin) margin=$value ;;
+        -failure_backoff) backoff=$value ;;
+        -listen) listen=$value ;;
+        -python) python=$value ;;
+        -workdir) workdir=$value ;;
+    esac
+    shift 2
+done
+
+for required in web descript entry factory client name collectors credential lifetime; do
+    eval "value=\$$required"
+    [ -n "$value" ] || usage "missing required option -$required"
+done
+[ -n "$trusted" ] || usage "missing required option -trusted (the identities allowed to claim this glidein)"
+
+# Whole seconds, no sign, no leading zero (sh arithmetic would read 010 as octal).
+is_count() {
+    case $1 in ''|*[!0-9]*|0?*) return 1 ;; esac
+    return 0
+}
+is_count "$lifetime" && [ "$lifetime" -gt 0 ] || usage "-lifetime must be a positive whole number of seconds, got '$lifetime'"
+[ -n "$retire" ] || retire=$((lifetime - lifetime / 10))
+for pair in "retire:$retire" "idle:$idle" "credential_margin:$margin" "failure_backoff:$backoff"; do
+    is_count "${pair#*:}" || usage "-${pair%%:*} must be a whole number of seconds, got '${pair#*:}'"
+done
+# The hash names a file in a URL: exactly 64 lowercase hex digits, nothing else.
+case $descript in *[!0-9a-f]*) usage "-descript must be a SHA-256 in lowercase hex, got '$descript'" ;; esac
+[ ${#descript} -eq 64 ] || usage "-descript must be a SHA-256 in lowercase hex (64 digits), got '$descript'"
+web=${web%/}
+
+here=$(pwd) || die "cannot tell the current directory"
+workdir=${workdir:-$here}
+case $workdir in /*) ;; *) workdir=$here/$workdir ;; esac
+case $credential in /*) ;; *) credential=$here/$credential ;; esac
+[ -r "$credential" ] || die "cannot read the credential $credential"
+found=$(command -v "$python") || die "no Python: $python is not found"
+python=$found
+
+# ---------------------------------------------------------------------------------------------
+# a. The glide directory, removed whatever happens
+
+glide_dir=
+startd_pid=
+starting=
+sleep_pid=
+interrupted=
+stop_sent=
+
+cleanup() {
+    if [ -n "$glide_dir" ] && [ -d "$glide_dir" ]; then
+        rm -rf "$glide_dir"
+    fi
+}
+
+on_signal() {
+    interrupted=$1
+    if [ -n "$startd_pid" ] || [ -n "$starting" ]; then
+        # TERM even for INT: a background child of a non-interactive shell ignores SIGINT.
+        # The startd evicts its jobs and exits; the main loop waits for it and cleans up.
+        if [ -n "$startd_pid" ]; then kill -TERM "$startd_pid" 2>/dev/null; fi
+        stop_sent=1
+        return
+    fi
+    if [ -n "$sleep_pid" ]; then kill "$sleep_pid" 2>/dev/null; fi
+    printf 'gwms glidein: %s received before the startd started: stopping\n' "$1" >&2
+    exit "$2"
+}
+
+trap cleanup EXIT
+trap 'on_signal TERM 143' TERM
+trap 'on_signal INT 130' INT
+
+[ -d "$workdir" ] || die "the work directory $workdir does not exist"
+glide_dir=$(mktemp -d "$workdir/glide_XXXXXX") || die "cannot make a directory under $workdir"
+cd "$glide_dir" || die "cannot enter $glide_dir"
+config=$glide_dir/glidein_config
+mkdir "$glide_dir/files" "$glide_dir/wheels" || die "cannot make directories in $glide_dir"
+
+start_time=$(date +%s 2>/dev/null)
+case $start_time in
+    ''|*[!0-9]*) start_time=$("$python" -c 'import time; print(int(time.time()))') ;;
+esac
+
+{
+    printf '%s=%s\n' \
+        GLIDEIN_Name "$name" \
+        GLIDEIN_Entry_Name "$entry" \
+        GLIDEIN_Factory "$factory" \
+        GLIDEIN_Client "$client" \
+        GLIDEIN_Collector "$collectors" \
+        GLIDEIN_Credential "$credential" \
+        GLIDEIN_Lifetime "$lifetime" \
+        GLIDEIN_Retire "$retire" \
+        GLIDEIN_Max_Idle "$idle" \
+        GLIDEIN_Credential_Margin "$margin" \
+        GLIDEIN_Listen "$listen" \
+        GLIDEIN_Start_Time "$start_time" \
+        GLIDEIN_Dir "$glide_dir"
+    # One line per identity: a DN may hold spaces, commas, anything but a newline.
+    printf '%s' "$trusted" | while IFS= read -r identity; do
+        printf 'GLIDEIN_Trusted=%s\n' "$identity"
+    done
+} > "$config" || die "cannot write $config"
+say "glidein $name of entry $entry (factory $factory, for $client) in $glide_dir"
+
+# ---------------------------------------------------------------------------------------------
+# b. Fetch the description and the files, each checked by hash
+
+# The last resort when the node has neither curl nor wget. urllib honours http_proxy itself.
+py_fetch='
+import sys, time, urllib.error, urllib.request
+url, out = sys.argv[1], sys.argv[2]
+error = None
+for attempt in range(3):
+    if attempt:
+        time.sleep(1)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as reply, open(out, "wb") as f:
+            while True:
+                chunk = reply.read(65536)
+                if not chunk:
+                    break
+                f.write(chunk)
+        sys.exit(0)
+    except urllib.error.HTTPError as e:
+        error = e
+        if e.code < 500:
+            break
+    except OSError as e:
+        error = e
+print("%s: %s" % (url, error), file=sys.stderr)
+sys.exit(1)
+'
+py_hash='
+import hashlib, sys
+h = hashlib.new(sys.argv[1])
+with open(sys.argv[2], "rb") as f:
+    for chunk in iter(lambda: f.read(65536), b""):
+        h.update(chunk)
+print(h.hexdigest())
+'
+
+if command -v curl >/dev/null 2>&1; then fetcher=curl
+elif command -v wget >/dev/null 2>&1; then fetcher=wget
+else fetcher=python
+fi
+
+fetch() {  # URL FILE
+    case $fetcher in
+        curl) curl -fsS --retry 2 --retry-delay 1 --connect-timeout 30 -o "$2" "$1" ;;
+        wget) wget -q -t 3 -T 60 -O "$2" "$1" ;;
+        python) "$python" -c "$py_fetch" "$1" "$2" ;;
+    esac
+}
+
+hash_of() {  # ALGO FILE: prints the hex digest
+    if command -v "${1}sum" >/dev/null 2>&1; then
+        "${1}sum" < "$2" | { read -r digest rest; printf '%s\n' "$digest"; }
+    elif command -v openssl >/dev/null 2>&1; then
+        openssl dgst "-$1" < "$2" | sed 's/^.*= *//'
+    else
+        "$python" -c "$py_hash" "$1" "$2"
+    fi
+}
+
+fetch "$web/descriptions/$descript" "$glide_dir/description" \
+    || die "cannot fetch the description from $web/descriptions/$descript (with $fetcher)"
+got=$(hash_of sha256 "$glide_dir/description")
+[ "$got" = "$descript" ] || die "description: sha256 mismatch: expected $descript, got $got"
+
+# The description is now trusted; the checks below only keep a factory's mistake from turning
+# into a path outside the glide directory.
+: > "$glide_dir/files.list"
+line_no=0
+while IFS= read -r line <&3; do
+    line_no=$((line_no + 1))
+    if [ "$line_no" -eq 1 ]; then
+        [ "$line" = "# gwms glidein description 1" ] || die "description: line 1 is not '# gwms glidein description 1'"
+        continue
+    fi
+    set -f
+    # shellcheck disable=SC2086  # splitting the line into its three fields is the point
+    set -- $line
+    set +f
+    [ $# -eq 3 ] || die "description: line $line_no is not '<algo>:<hexdigest> <kind> <name>'"
+    spec=$1 kind=$2 fname=$3
+    algo=${spec%%:*} digest=${spec#*:}
+    case $algo in sha256|sha1) ;; *) die "description: line $line_no: unknown hash algorithm '$algo'" ;; esac
+    case $digest in ''|*[!0-9a-f]*) die "description: line $line_no: bad digest '$digest'" ;; esac
+    case $fname in ''|.*|*[!A-Za-z0-9._+-]*) die "description: line $line_no: bad file name '$fname'" ;; esac
+    case $kind in
+        wheel) dest=$glide_dir/wheels/$fname ;;
+        validate|ca|attrs|file) dest=$glide_dir/files/$fname ;;
+        *) die "description: line $line_no: unknown kind '$kind'" ;;
+    esac
+    fetch "$web/files/$digest/$fname" "$dest" \
+        || die "cannot fetch $fname from $web/files/$digest/$fname (with $fetcher)"
+    got=$(hash_of "$algo" "$dest")
+    [ "$got" = "$digest" ] || die "$fname: $algo mismatch: expected $digest, got $got"
+    if [ "$kind" = ca ]; then
+        printf 'GLIDEIN_CA_File=%s\n' "$dest" >> "$config"
+    fi
+    printf '%s %s\n' "$kind" "$fname" >> "$glide_dir/files.list"
+done 3< "$glide_dir/description"
+say "fetched and checked $((line_no - 1)) file(s) from $web (with $fetcher)"
+
+# ---------------------------------------------------------------------------------------------
+# c. Entry attributes
+
+# KEY=VALUE lines on stdin go to glidein_config; anything else is ignored. The settings that
+# decide whom the startd trusts and where it reports come from the command line only.
+append_settings() {  # WHAT
+    while IFS= read -r setting || [ -n "$setting" ]; do
+        key=${setting%%=*}
+        [ "$key" != "$setting" ] || continue
+        case $key in
+            ''|[0-9]*|*[!A-Za-z0-9_]*) continue ;;
+            GLIDEIN_Trusted|GLIDEIN_Credential|GLIDEIN_CA_File|GLIDEIN_Collector|GLIDEIN_Dir)
+                printf 'gwms glidein: %s may not set %s: ignored\n' "$1" "$key" >&2
+                continue ;;
+        esac
+        printf '%s\n' "$setting" >> "$config"
+    done
+}
+
+has_wheels=
+while read -r kind fname <&3; do
+    case $kind in
+        attrs) append_settings "attrs file $fname" < "$glide_dir/files/$fname" ;;
+        wheel) has_wheels=1 ;;
+    esac
+done 3< "$glide_dir/files.list"
+
+# ---------------------------------------------------------------------------------------------
+# d. The Python the startd runs with
+
+if [ -n "$has_wheels" ]; then
+    "$python" -m venv "$glide_dir/venv" > "$glide_dir/venv.log" 2>&1 \
+        || { cat "$glide_dir/venv.log" >&2; die "cannot make a virtual environment with $python"; }
+    # Only the wheels just checked by hash: no index, and none of the node's pip settings
+    # (a site's find-links or index could otherwise slip other packages in).
+    (
+        unset PIP_FIND_LINKS PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_REQUIRE_VIRTUALENV
+        PIP_CONFIG_FILE=/dev/null
+        export PIP_CONFIG_FILE
+        exec "$glide_dir/venv/bin/python" -m pip install --quiet --no-index --no-cache-dir \
+            --disable-pip-version-check --only-binary=:all: --find-links "$glide_dir/wheels" gwms
+    ) > "$glide_dir/pip.log" 2>&1 \
+        || { tail -n 20 "$glide_dir/pip.log" >&2; die "cannot install gwms from the wheels"; }
+    python=$glide_dir/venv/bin/python
+    say "installed gwms from the wheelhouse into $glide_dir/venv"
+else
+    "$python" -c 'import gwms' 2>/dev/null \
+        || die "$python cannot import gwms (and the description lists no wheels to install it from)"
+fi
+GLIDEIN_PYTHON=$python
+export GLIDEIN_PYTHON
+
+# ---------------------------------------------------------------------------------------------
+# e. Validation scripts, in the order listed
+
+fail_validation() {
+    printf 'gwms glidein: %s\n' "$1" >&2
+    # Keep a broken node from taking the batch system's next job at once (a black hole).
+    if [ "$backoff" -gt 0 ]; then
+        sleep "$backoff" &
+        sleep_pid=$!
+        wait "$sleep_pid"
+        sleep_pid=
+    fi
+    exit 1
+}
+
+while read -r kind fname <&3; do
+    [ "$kind" = validate ] || continue
+    sh "$glide_dir/files/$fname" "$config" < /dev/null > "$glide_dir/validate.out" 2> "$glide_dir/validate.err"
+    rc=$?
+    cat "$glide_dir/validate.err" >&2
+    if [ "$rc" -ne 0 ]; then
+        last=$(sed '/^[[:space:]]*$/d' "$glide_dir/validate.err" | tail -n 1)
+        fail_validation "validation $fname failed: ${last:-exit status $rc}"
+    fi
+    append_settings "validation $fname" < "$glide_dir/validate.out"
+    say "validation $fname passed"
+done 3< "$glide_dir/files.list"
+
+# ---------------------------------------------------------------------------------------------
+# f. The startd
+
+"$python" -m gwms.glidein.startd_config "$config" "$glide_dir/startd.toml" \
+    || die "cannot write the startd's configuration"
+
+starting=1
+"$python" -c 'from twisted.scripts.twistd import run; run()' --nodaemon --pidfile= \
+    --logfile "$glide_dir/startd.log" gwms-startd --config "$glide_dir/startd.toml" < /dev/null &
+startd_pid=$!
+starting=
+# A signal that came between starting the startd and knowing its pid: pass it on now.
+if [ -n "$interrupted" ]; then kill -TERM "$startd_pid" 2>/dev/null; fi
+say "started gwms-startd (pid $startd_pid)"
+
+# wait returns early (status > 128) when a trapped signal arrives; the trap has passed the
+# signal on, so wait again for the startd's own status. A shell that already reported the
+# status says 127 (unknown pid) to the second wait: keep the first then.
+status=
+while :; do
+    interrupted=
+    wait "$startd_pid"
+    rc=$?
+    if [ "$rc" -eq 127 ] && [ -n "$status" ]; then break; fi
+    status=$rc
+    [ -n "$interrupted" ] || break
+done
+startd_pid=
+# twistd stops cleanly on TERM and then exits by the same signal (so that its parent can tell
+# why): a stop we asked for is a normal end of the glidein.
+if [ -n "$stop_sent" ] && [ "$status" -eq 143 ]; then
+    say "gwms-startd stopped on TERM"
+    status=0
+fi
+
+say "gwms-startd exited with status $status; the last 40 lines of its log:"
+tail -n 40 "$glide_dir/startd.log" 2>/dev/null
+exit "$status"
