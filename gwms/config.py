@@ -170,7 +170,8 @@ FACTORY_KEYS: dict[str, Key] = {
                                        "and the local glideins' scratch directories."),
     "web_listen": Key("address", "127.0.0.1:0", "TCP address of the web server that serves the glidein files."),
     "web_url": Key("str", None, "URL glideins fetch their files from (default: http://<web_listen>/, as bound)."),
-    "address_file": Key("path", None, "File the factory writes its web URL to once it listens."),
+    "address_file": Key("path", None, "File the factory writes its web server's address (host:port) to once it "
+                                       "listens."),
     "cycle_interval": Key("float", 60.0, "Seconds between factory cycles (read requests, submit, query, advertise)."),
     "stale_after": Key("float", 86400.0, "Seconds a glidein may stay queued, or unknown to its grid, before the "
                                          "factory removes and forgets it."),

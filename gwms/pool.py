@@ -112,6 +112,23 @@ class PoolService(service.MultiService):
                  glideins=str(glidein_address))
 
 
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        """Stop the frontend and the factory's cycle first, then the glideins (their startds
+        give back their jobs to the schedd, which must still be up), then everything else."""
+        frontend, factory = self.roles.get("frontend"), self.roles.get("factory")
+        if frontend is not None and frontend.running:
+            yield frontend.stopService()
+        if factory is not None:
+            loop = getattr(factory, "_loop", None)
+            if loop is not None and loop.running:
+                loop.stop()
+            left = yield factory.remove_all_glideins()
+            if left:
+                log.warn("gwms-pool: {n} glideins did not end in time", n=left)
+        yield super().stopService()
+
+
 class Options(DaemonOptions):
     pass
 

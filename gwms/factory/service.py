@@ -39,7 +39,7 @@ from twisted.logger import Logger
 from gwms import classads
 from gwms.config import HostConfig
 from gwms.factory.grid import FINISHED, HELD, QUEUED, RUNNING, GlideinSubmission, GridStatus
-from gwms.factory.records import IDLE_STATES, REMOVING, SUBMITTING, Glidein, GlideinRecords
+from gwms.factory.records import IDLE_STATES, REMOVING, Glidein, GlideinRecords
 from gwms.protocols.client import CollectorList, query_ads
 
 log = Logger()
@@ -323,9 +323,9 @@ class Factory:
         s = entry.settings
         args = ["-web", self.web_url, "-descript", entry.description, "-entry", entry.name,
                 "-factory", self.name, "-client", request.client, "-name", glidein_id,
-                "-collectors", request.collectors, "-lifetime", f"{s['max_walltime']:g}",
-                "-retire", f"{0.9 * s['max_walltime']:g}", "-idle", f"{s['max_idle_time']:g}",
-                "-failure_backoff", f"{s['failure_backoff']:g}", "-listen", s["worker_listen"]]
+                "-collectors", request.collectors, "-lifetime", str(int(s["max_walltime"])),
+                "-retire", str(int(0.9 * s["max_walltime"])), "-idle", str(int(s["max_idle_time"])),
+                "-failure_backoff", str(int(s["failure_backoff"])), "-listen", s["worker_listen"]]
         for identity in request.trusted:
             args += ["-trusted", identity]
         if s["python"]:
@@ -506,7 +506,7 @@ class FactoryService(service.MultiService):
         if self.settings["address_file"]:
             path = Path(self.settings["address_file"])
             tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(url + "\n")
+            tmp.write_text(f"{bound.host}:{bound.port}\n")
             tmp.replace(path)
         self.factory = Factory(self.reactor, self.config, self.records, self.plugins, self.collectors, url,
                                self.public_key, self.auditor)
@@ -521,6 +521,32 @@ class FactoryService(service.MultiService):
     def _cycle(self) -> Any:
         assert self.factory is not None
         return self.factory.cycle().addErrback(lambda f: log.failure("factory cycle failed", f))
+
+    @defer.inlineCallbacks
+    def remove_all_glideins(self, timeout: float = 60.0) -> Any:
+        """Remove every glidein this factory has and wait (up to ``timeout``) until the grid
+        says they are gone; returns how many were still there at the end. For gwms-pool, whose
+        glideins are its own local processes: a one-host pool that stops leaves nothing behind."""
+        from twisted.internet import task
+
+        deadline = self.reactor.seconds() + timeout
+        left: list[Glidein] = []
+        for name, entry in sorted(self.settings["entry"].items()):
+            plugin = self.plugins[entry["grid"]]
+            settings = {**entry, "name": name}
+            ids = [g.grid_id for g in self.records.of_entry(name) if g.grid_id is not None]
+            if ids:
+                yield plugin.remove(settings, ids)
+            while ids and self.reactor.seconds() < deadline:
+                statuses = yield plugin.query(settings, ids)
+                ids = [i for i in ids if i in statuses and statuses[i].state != FINISHED]
+                if ids:
+                    yield task.deferLater(self.reactor, 0.2, lambda: None)
+            gone = [g for g in self.records.of_entry(name) if g.grid_id not in ids]
+            yield plugin.forget(settings, [g.grid_id for g in gone if g.grid_id is not None])
+            self.records.forget([g.glidein_id for g in gone])
+            left += [g for g in self.records.of_entry(name)]
+        return len(left)
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:

@@ -30,9 +30,10 @@ import os
 import re
 import stat
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Sequence
+from typing import Any, BinaryIO
 
 from twisted.internet.interfaces import IPushProducer
 from twisted.web import resource, server
@@ -41,12 +42,12 @@ from zope.interface import implementer
 __all__ = [
     "ALGORITHMS",
     "CACHE_CONTROL",
-    "DescriptionError",
-    "FileEntry",
-    "GlideinFilesResource",
     "HEADER",
     "KINDS",
     "MAX_NAME",
+    "DescriptionError",
+    "FileEntry",
+    "GlideinFilesResource",
     "parse_description",
     "publish",
     "startup_script",
@@ -271,6 +272,15 @@ class GlideinFilesResource(resource.Resource):
     def __init__(self, store: Path) -> None:
         super().__init__()
         self.store = Path(store)
+
+    def render(self, request: server.Request) -> Any:
+        # Answered here rather than by Resource.render, whose 405 page Twisted has deprecated.
+        if request.method not in (b"GET", b"HEAD"):
+            request.setResponseCode(405)
+            request.setHeader(b"Allow", b"GET, HEAD")
+            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            return b"method not allowed\n"
+        return super().render(request)
 
     def _open(self, segments: list[bytes]) -> BinaryIO | None:
         try:

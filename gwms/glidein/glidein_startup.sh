@@ -214,7 +214,9 @@ fi
 
 fetch() {  # URL FILE
     case $fetcher in
-        curl) curl -fsS --retry 2 --retry-delay 1 --connect-timeout 30 -o "$2" "$1" ;;
+        # A transfer slower than 1 byte/s for a minute is a stalled server: give up on it.
+        curl) curl -fsS --retry 2 --retry-delay 1 --connect-timeout 30 --speed-time 60 --speed-limit 1 \
+                   -o "$2" "$1" ;;
         wget) wget -q -t 3 -T 60 -O "$2" "$1" ;;
         python) "$python" -c "$py_fetch" "$1" "$2" ;;
     esac

@@ -24,17 +24,17 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from gwms import classads
 from gwms.config import ConfigError, parse_config
 
 __all__ = [
+    "HIDDEN",
     "GlideinConfig",
     "GlideinConfigError",
-    "HIDDEN",
     "classad_literal",
     "inspect_credential",
     "main",
@@ -163,7 +163,11 @@ def inspect_credential(path: Path) -> tuple[str, float | None]:
     the certificate that issued it, whatever its own dates say.
     """
     from gwms.credentials.tokens import TokenError, decode_token_unverified
-    from gwms.credentials.x509 import CredentialError, load_certificates, read_credential_file
+    from gwms.credentials.x509 import (
+        CredentialError,
+        load_certificates,
+        read_credential_file,
+    )
 
     data = read_credential_file(path, "credential", GlideinConfigError, max_bytes=1 << 20)
     if b"-----BEGIN" in data:
@@ -189,7 +193,7 @@ def _int_setting(values: dict[str, str], key: str, default: int | None = None) -
             raise GlideinConfigError(f"{key} is not set")
         return default
     if not re.fullmatch(r"[0-9]+", raw):
-        raise GlideinConfigError(f"{key} must be a whole number of seconds or units, got {raw!r}")
+        raise GlideinConfigError(f"{key} must be a whole number, got {raw!r}")
     return int(raw)
 
 
@@ -201,7 +205,7 @@ def _required(values: dict[str, str], key: str) -> str:
 
 
 def _iso(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def startd_config_text(config: GlideinConfig, now: float | None = None) -> str:

@@ -1,0 +1,188 @@
+"""A one-host pool whose startds arrive only as glideins, with real processes on 127.0.0.1:
+`twistd -n gwms-pool` (collectors, negotiator, schedd, factory on the local grid, frontend) and,
+for the restart test, a separate `twistd -n gwms-factory`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gwms.cli.demo import ONEHOST, free_port
+from gwms.testing.polling import wait_until
+
+pytestmark = pytest.mark.integration
+
+JOB = """#!/bin/sh
+echo "job $1: $(wc -w < input.txt) words" > "result.$1.txt"
+echo "stdout of $1"
+"""
+
+SUBMIT = """
+executable = job.sh
+arguments = $(Process)
+transfer_input_files = input.txt
+transfer_output_files = result.$(Process).txt
+output = job.$(Process).out
+log = jobs.log
+request_memory = 100
+request_disk = 10000
+queue {n}
+"""
+
+
+def pool_config(workdir: Path, idle: float = 8, backoff: float = 0, entries: bool = True) -> Path:
+    text = ONEHOST.format(port=0, idle=idle)
+    text = text.replace('address_file = "run/collector.address"', 'address_file = "pool.address"')
+    text = text.replace("failure_backoff = 5", f"failure_backoff = {backoff}")
+    if not entries:
+        text = text[:text.index("[factory.entry.siteA]")] + text[text.index("[frontend]"):]
+    (workdir / "run").mkdir(parents=True, exist_ok=True)
+    config = workdir / "onehost.toml"
+    config.write_text(text)
+    return config
+
+
+def start_pool(start_daemon, config: Path, workdir: Path):
+    """gwms-pool, once every role listens (the collectors first, the rest when they do)."""
+    pool = start_daemon("pool", config, workdir)
+    wait_until(lambda: (workdir / "run" / "schedd.address").exists()
+               and (workdir / "run" / "glidein-collector.address").exists(), 30, "gwms-pool's schedd to listen")
+    return pool
+
+
+def glidein_processes(area: Path) -> list[int]:
+    needle = os.fsencode(str(area))
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if needle in (proc / "cmdline").read_bytes():
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+def glidein_dirs(area: Path) -> list[Path]:
+    return sorted(area.glob("local/*/*"))
+
+
+def submit(gwms_cli, env: dict[str, str], jobdir: Path, n: int) -> int:
+    jobdir.mkdir(parents=True, exist_ok=True)
+    (jobdir / "input.txt").write_text("one two three\n")
+    (jobdir / "job.sh").write_text(JOB)
+    (jobdir / "job.sh").chmod(0o755)
+    (jobdir / "job.sub").write_text(SUBMIT.format(n=n))
+    result = gwms_cli("submit", str(jobdir / "job.sub"), env=env)
+    assert result.returncode == 0, result.stderr
+    return int(result.stdout.split()[-1].rstrip("."))
+
+
+def history(gwms_cli, env: dict[str, str], cluster: int) -> list[dict]:
+    result = gwms_cli("history", str(cluster), "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_jobs_run_only_in_glideins_which_then_exit_and_leave_nothing_behind(tmp_path, start_daemon, gwms_cli):
+    config = pool_config(tmp_path, idle=6)
+    pool = start_pool(start_daemon, config, tmp_path)
+    env = {**os.environ, "GWMS_CONFIG": str(config)}
+    cluster = submit(gwms_cli, env, tmp_path / "jobs", 4)
+    done = wait_until(lambda: (h := history(gwms_cli, env, cluster)) and len(h) == 4 and h, 120,
+                      "the jobs to complete")
+    assert sorted((j["ProcId"], j["JobStatus"], j["ExitCode"]) for j in done) == [(i, 4, 0) for i in range(4)]
+    # Every job ran in a glidein's slot: slotN@<entry>-<glidein id>
+    assert all(j["RemoteHost"].split("@")[1].startswith(("siteA-", "siteB-")) for j in done), done
+    jobdir = tmp_path / "jobs"
+    assert [(jobdir / f"result.{i}.txt").read_text() for i in range(4)] == [f"job {i}: 3 words\n" for i in range(4)]
+    assert (jobdir / "job.0.out").read_text() == "stdout of 0\n"
+    area = tmp_path / "run" / "factory"
+    # Idle for 6 s, the glideins exit; the factory sees them end and forgets them.
+    wait_until(lambda: not glidein_dirs(area) and not glidein_processes(area), 90,
+               "the idle glideins to exit and be cleaned up")
+    log = pool.log_text()
+    assert "submitted" in log and "finished (exit code 0)" in log
+
+
+def test_a_tampered_glidein_file_stops_the_glidein_which_names_the_file(tmp_path, start_daemon, gwms_cli):
+    config = pool_config(tmp_path, idle=30)
+    pool = start_pool(start_daemon, config, tmp_path)
+    env = {**os.environ, "GWMS_CONFIG": str(config)}
+    store = tmp_path / "run" / "factory" / "web" / "files"
+    [script] = list(store.glob("*/30-python.sh"))
+    script.write_text(script.read_text() + "\necho tampered\n")  # same path, other content
+    cluster = submit(gwms_cli, env, tmp_path / "jobs", 1)
+    wait_until(lambda: "30-python.sh: sha256 mismatch" in pool.log_text(), 60,
+               "a glidein to refuse the tampered file")
+    line = next(line for line in pool.log_text().splitlines() if "30-python.sh: sha256 mismatch" in line)
+    assert f"expected {script.parent.name}" in line and "got " in line
+    status = gwms_cli("status", "--json", "--pool", pool.address, env=env)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout) == []  # no glidein joined the pool
+    assert history(gwms_cli, env, cluster) == []
+
+
+def test_a_restarted_factory_finds_its_glideins_and_submits_no_duplicates(tmp_path, start_daemon, gwms_cli):
+    config = pool_config(tmp_path, idle=60, entries=False)  # the pool's own factory has no entries
+    start_pool(start_daemon, config, tmp_path)
+    glidein_collector = (tmp_path / "run" / "glidein-collector.address").read_text().strip()
+    factory_dir = tmp_path / "factory"
+    factory_dir.mkdir()
+    text = config.read_text()
+    text = text[:text.index("[onehost]")] + f"""
+[factory]
+name = "external-factory"
+work_dir = "{factory_dir}/work"
+collectors = ["{glidein_collector}"]
+cycle_interval = 1
+credential = "{tmp_path}/run/credentials/pilot.pem"
+address_file = "{factory_dir}/factory.address"
+web_listen = "127.0.0.1:{free_port()}"
+
+[factory.entry.siteC]
+grid = "local"
+attributes = {{ GLIDEIN_Site = "SiteC", GLIDEIN_CPUS = 1 }}
+allowed_frontends = ["/O=gwms/OU=Hosts/CN=localhost"]
+max_idle = 2
+max_glideins = 2
+max_idle_time = 60
+failure_backoff = 0
+"""
+    text = text.replace('audit_log = "run/audit.jsonl"', f'audit_log = "{factory_dir}/audit.jsonl"\n'
+                        f'ca = "{tmp_path}/run/credentials/ca.pem"\ncert = "{tmp_path}/run/credentials/'
+                        f'host-localhost.pem"\nkey = "{tmp_path}/run/credentials/host-localhost.key"')
+    factory_config = factory_dir / "factory.toml"
+    factory_config.write_text(text)
+    factory = start_daemon("factory", factory_config, factory_dir)
+    env = {**os.environ, "GWMS_CONFIG": str(config)}
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    # Long enough that jobs still wait after the restart: the frontend keeps asking, and only
+    # the factory's records stop it from submitting beyond max_glideins.
+    (jobs / "sleep.sub").write_text("executable = /bin/sleep\narguments = 25\ntransfer_executable = false\n"
+                                    "request_memory = 100\nrequest_disk = 1000\nqueue 6\n")
+    assert gwms_cli("submit", str(jobs / "sleep.sub"), env=env).returncode == 0
+    area = factory_dir / "work"
+    def reported(rows_wanted: Any) -> Any:
+        rows = json.loads(gwms_cli("factory", "status", "--json", env=env).stdout or "[]")
+        return any(r["client"] != "(all)" and rows_wanted(r) for r in rows)
+
+    # Both glideins running (their startds up): they need the factory no more.
+    wait_until(lambda: reported(lambda r: r["running"] == 2), 60, "two glideins running at siteC")
+    before = glidein_dirs(area)
+    assert len(before) == 2
+    factory.kill9()
+    restarted = factory.restart()
+    # The restarted factory reports the two glideins it found in its records ...
+    wait_until(lambda: reported(lambda r: r["idle"] + r["running"] == 2 and r["requested"] > 0), 30,
+               "the restarted factory to report its two glideins while jobs still wait")
+    # ... and, with jobs still waiting (so the frontend keeps asking), submits none beyond them.
+    assert glidein_dirs(area) == before
+    assert restarted.log_text().count("factory: submitted") == 1  # the first run's (both share the log)
+    queue = json.loads(gwms_cli("q", "--json", env=env).stdout)
+    assert any(j["JobStatus"] == 1 for j in queue)  # demand was still there
