@@ -58,7 +58,14 @@ class GlideinRecords:
                 "FROM glideins").fetchall()
         except sqlite3.Error as e:
             raise RecordsError(f"glidein records {self.path}: {e}") from None
-        self.glideins: dict[str, Glidein] = {row[0]: Glidein(*row) for row in rows}
+        self.glideins: dict[str, Glidein] = {}
+        self._by_entry: dict[str, dict[str, Glidein]] = {}  # the cycle works entry by entry
+        for row in rows:
+            self._keep(Glidein(*row))
+
+    def _keep(self, g: Glidein) -> None:
+        self.glideins[g.glidein_id] = g
+        self._by_entry.setdefault(g.entry, {})[g.glidein_id] = g
 
     def _write(self, glideins: Iterable[Glidein], delete: Iterable[str] = ()) -> None:
         rows = [(g.glidein_id, g.entry, g.client, g.identity, g.submitted, g.state, g.grid_id, g.changed,
@@ -78,14 +85,14 @@ class GlideinRecords:
         """Record new glideins durably (before they are submitted)."""
         self._write(glideins)
         for g in glideins:
-            self.glideins[g.glidein_id] = g
+            self._keep(g)
 
     def update(self, changed: list[Glidein]) -> None:
         """Store new versions of glideins (state, grid id, exit)."""
         if changed:
             self._write(changed)
             for g in changed:
-                self.glideins[g.glidein_id] = g
+                self._keep(g)
 
     def set_state(self, glidein: Glidein, state: str, now: float, **values: object) -> Glidein:
         """A new version of ``glidein`` in ``state`` (not yet stored: pass it to update)."""
@@ -96,10 +103,12 @@ class GlideinRecords:
         if glidein_ids:
             self._write((), glidein_ids)
             for i in glidein_ids:
-                self.glideins.pop(i, None)
+                g = self.glideins.pop(i, None)
+                if g is not None:
+                    self._by_entry.get(g.entry, {}).pop(i, None)
 
     def of_entry(self, entry: str) -> list[Glidein]:
-        return [g for g in self.glideins.values() if g.entry == entry]
+        return list(self._by_entry.get(entry, {}).values())
 
     def close(self) -> None:
         self._db.close()
