@@ -88,6 +88,40 @@ def history(gwms_cli, env: dict[str, str], cluster: int) -> list[dict]:
     return json.loads(result.stdout)
 
 
+def external_factory_config(tmp_path: Path, pool_config_path: Path, factory_dir: Path, allowed: str) -> Path:
+    """A separate gwms-factory with one local entry, siteC, advertising to gwms-pool's glidein
+    collector with the pool's credentials; ``allowed`` is the entry's one allowed frontend."""
+    glidein_collector = (tmp_path / "run" / "glidein-collector.address").read_text().strip()
+    factory_dir.mkdir()
+    text = pool_config_path.read_text()
+    creds = tmp_path / "run" / "credentials"
+    text = text[:text.index("[onehost]")] + f"""
+[factory]
+name = "external-factory"
+work_dir = "{factory_dir}/work"
+collectors = ["{glidein_collector}"]
+cycle_interval = 1
+credential = "{creds}/pilot.pem"
+address_file = "{factory_dir}/factory.address"
+web_listen = "127.0.0.1:{free_port()}"
+
+[factory.entry.siteC]
+grid = "local"
+attributes = {{ GLIDEIN_Site = "SiteC", GLIDEIN_CPUS = 1 }}
+allowed_frontends = ["{allowed}"]
+max_idle = 2
+max_glideins = 2
+max_idle_time = 60
+failure_backoff = 0
+"""
+    text = text.replace('audit_log = "run/audit.jsonl"', f'audit_log = "{factory_dir}/audit.jsonl"\n'
+                        f'ca = "{creds}/ca.pem"\ncert = "{creds}/host-localhost.pem"\n'
+                        f'key = "{creds}/host-localhost.key"')
+    config = factory_dir / "factory.toml"
+    config.write_text(text)
+    return config
+
+
 def test_jobs_run_only_in_glideins_which_then_exit_and_leave_nothing_behind(tmp_path, start_daemon, gwms_cli):
     config = pool_config(tmp_path, idle=6)
     pool = start_pool(start_daemon, config, tmp_path)
@@ -130,34 +164,8 @@ def test_a_tampered_glidein_file_stops_the_glidein_which_names_the_file(tmp_path
 def test_a_restarted_factory_finds_its_glideins_and_submits_no_duplicates(tmp_path, start_daemon, gwms_cli):
     config = pool_config(tmp_path, idle=60, entries=False)  # the pool's own factory has no entries
     start_pool(start_daemon, config, tmp_path)
-    glidein_collector = (tmp_path / "run" / "glidein-collector.address").read_text().strip()
     factory_dir = tmp_path / "factory"
-    factory_dir.mkdir()
-    text = config.read_text()
-    text = text[:text.index("[onehost]")] + f"""
-[factory]
-name = "external-factory"
-work_dir = "{factory_dir}/work"
-collectors = ["{glidein_collector}"]
-cycle_interval = 1
-credential = "{tmp_path}/run/credentials/pilot.pem"
-address_file = "{factory_dir}/factory.address"
-web_listen = "127.0.0.1:{free_port()}"
-
-[factory.entry.siteC]
-grid = "local"
-attributes = {{ GLIDEIN_Site = "SiteC", GLIDEIN_CPUS = 1 }}
-allowed_frontends = ["/O=gwms/OU=Hosts/CN=localhost"]
-max_idle = 2
-max_glideins = 2
-max_idle_time = 60
-failure_backoff = 0
-"""
-    text = text.replace('audit_log = "run/audit.jsonl"', f'audit_log = "{factory_dir}/audit.jsonl"\n'
-                        f'ca = "{tmp_path}/run/credentials/ca.pem"\ncert = "{tmp_path}/run/credentials/'
-                        f'host-localhost.pem"\nkey = "{tmp_path}/run/credentials/host-localhost.key"')
-    factory_config = factory_dir / "factory.toml"
-    factory_config.write_text(text)
+    factory_config = external_factory_config(tmp_path, config, factory_dir, "/O=gwms/OU=Hosts/CN=localhost")
     factory = start_daemon("factory", factory_config, factory_dir)
     env = {**os.environ, "GWMS_CONFIG": str(config)}
     jobs = tmp_path / "jobs"
@@ -186,3 +194,33 @@ failure_backoff = 0
     assert restarted.log_text().count("factory: submitted") == 1  # the first run's (both share the log)
     queue = json.loads(gwms_cli("q", "--json", env=env).stdout)
     assert any(j["JobStatus"] == 1 for j in queue)  # demand was still there
+
+
+def test_a_factory_ignores_and_audits_a_frontend_that_is_not_allowed(tmp_path, start_daemon, gwms_cli):
+    config = pool_config(tmp_path, idle=60, entries=False)
+    start_pool(start_daemon, config, tmp_path)
+    factory_dir = tmp_path / "factory"
+    factory = start_daemon("factory", external_factory_config(tmp_path, config, factory_dir,
+                                                              "/O=gwms/OU=Hosts/CN=another-frontend"), factory_dir)
+    env = {**os.environ, "GWMS_CONFIG": str(config)}
+    submit(gwms_cli, env, tmp_path / "jobs", 2)
+    audit = factory_dir / "audit.jsonl"
+    event = wait_until(lambda: audit.exists() and next(
+        (e for e in map(json.loads, audit.read_text().splitlines()) if e.get("event") == "glidein request ignored"),
+        None), 30, "the factory to audit the request it ignored")
+    assert (event["identity"], event["entry"], event["reason"]) == (
+        "/O=gwms/OU=Hosts/CN=localhost", "siteC", "not in the entry's allowed_frontends")
+    # The frontend keeps asking; three factory cycles (one a second) later still nothing was submitted.
+    glidein_collector = (tmp_path / "run" / "glidein-collector.address").read_text().strip()
+
+    def entry_heard() -> int:
+        ads = json.loads(gwms_cli("status", "--type", "glidefactory", "--json", "--pool", glidein_collector,
+                                  env=env).stdout or "[]")
+        return ads[0]["LastHeardFrom"] if ads else 0
+
+    first = wait_until(entry_heard, 30, "the factory's entry ad")
+    wait_until(lambda: entry_heard() >= first + 3, 30, "three more factory cycles")
+    requests = json.loads(gwms_cli("frontend", "status", "--json", env=env).stdout)
+    assert [(r["entry"], r["req_idle"] > 0) for r in requests] == [("siteC@external-factory", True)]
+    assert "factory: submitted" not in factory.log_text()
+    assert not glidein_dirs(factory_dir / "work")
