@@ -617,7 +617,11 @@ class StartdService(service.MultiService):
 
     def _listening(self, _: Any) -> None:
         self.startd.address = str(self.listener.address)
-        self._updates.start(self.update_interval, now=True)
+        # The first ads go out at once (a glidein joins the pool sooner); later changes are
+        # coalesced (see advertise).
+        for name in list(self.startd.slots):
+            self._send_update(name)
+        self._updates.start(self.update_interval, now=False)
         self._housekeeping.start(self.housekeeping_interval, now=False)
 
     def advertise(self, slot: Slot) -> None:
