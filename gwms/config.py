@@ -195,7 +195,8 @@ ENTRY_KEYS: dict[str, Key] = {
     "max_glideins": Key("int", 1000, "Most glideins at the entry (queued, running and held)."),
     "max_idle": Key("int", 100, "Most glideins queued (idle) at the entry."),
     "max_held": Key("int", 50, "Held glideins beyond which the entry submits no more."),
-    "frontend_limits": Key("limits", {}, "Per frontend identity: a table of max_glideins, max_idle, max_held."),
+    "frontend_limits": Key("limits", {}, "Per frontend identity: a table of max_glideins, max_idle, max_held and "
+                                        "submit_rate."),
     "submit_rate": Key("float", 60.0, "Most glideins submitted per minute."),
     "max_walltime": Key("float", 86400.0, "Seconds a glidein lives at most (GLIDEIN_Max_Walltime); it retires "
                                           "a tenth earlier."),
@@ -309,9 +310,11 @@ def _check_value(kind: str, value: Any, base: Path) -> Any:
         limits = {}
         for who, table in value.items():
             if not isinstance(table, dict) or not all(
-                    k in ("max_glideins", "max_idle", "max_held") and isinstance(v, int) and not isinstance(v, bool)
-                    and v >= 0 for k, v in table.items()):
-                raise ValueError(f"entry {who!r} must be a table of max_glideins, max_idle, max_held (integers >= 0)")
+                    k in ("max_glideins", "max_idle", "max_held", "submit_rate") and isinstance(v, (int, float))
+                    and not isinstance(v, bool) and v >= 0 and (k == "submit_rate" or isinstance(v, int))
+                    for k, v in table.items()):
+                raise ValueError(f"entry {who!r} must be a table of max_glideins, max_idle, max_held (integers >= 0) "
+                                 "and submit_rate (glideins a minute)")
             limits[who] = dict(table)
         return limits
     if kind == "requirement":

@@ -85,12 +85,17 @@ def fetch(args: argparse.Namespace, ad_types: Sequence[str]) -> dict[str, list[c
     return result
 
 
-def factory_rows(entries: list[classads.ClassAd], clients: list[classads.ClassAd]) -> list[dict[str, Any]]:
+def factory_rows(entries: list[classads.ClassAd], clients: list[classads.ClassAd],
+                 requests: Sequence[classads.ClassAd] = ()) -> list[dict[str, Any]]:
+    """One row per entry (all frontends) and one per frontend at each entry; ``requests`` (the
+    frontends' glideclient ads) add the idle jobs that match there."""
+    jobs = {(r.get("ReqName"), r.get("ClientName")): int(r.get("MatchingIdleJobs", 0) or 0) for r in requests}
     rows = []
     for entry in sorted(entries, key=lambda ad: str(ad.get("Name"))):
         name, factory = entry.get("EntryName"), entry.get("FactoryName")
         mine = [c for c in clients if c.get("ReqEntry") == name and c.get("ReqFactory") == factory]
         rows.append({"entry": name, "factory": factory, "client": "(all)",
+                     "matching_jobs": sum(n for (req, _client), n in jobs.items() if req == f"{name}@{factory}"),
                      "enabled": entry.get("GlideinEnabled", True),
                      "site": entry.get("GLIDEIN_Site", ""),
                      "requested": sum(int(c.get("GlideinMonitorRequestedIdle", 0)) for c in mine),
@@ -99,6 +104,7 @@ def factory_rows(entries: list[classads.ClassAd], clients: list[classads.ClassAd
                      "held": entry.get("GlideinMonitorTotalStatusHeld", 0)})
         for c in sorted(mine, key=lambda ad: str(ad.get("ReqClientName"))):
             rows.append({"entry": name, "factory": factory, "client": c.get("ReqClientName"),
+                         "matching_jobs": jobs.get((f"{name}@{factory}", c.get("ReqClientName")), 0),
                          "enabled": entry.get("GlideinEnabled", True), "site": entry.get("GLIDEIN_Site", ""),
                          "requested": c.get("GlideinMonitorRequestedIdle", 0),
                          "idle": c.get("GlideinMonitorStatusIdle", 0),
@@ -132,7 +138,8 @@ def table(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str]], out: T
 
 
 FACTORY_COLUMNS = [("entry", "Entry"), ("site", "Site"), ("client", "Frontend"), ("enabled", "Enabled"),
-                   ("requested", "ReqIdle"), ("idle", "Idle"), ("running", "Running"), ("held", "Held")]
+                   ("matching_jobs", "IdleJobs"), ("requested", "ReqIdle"), ("idle", "Idle"), ("running", "Running"),
+                   ("held", "Held")]
 FRONTEND_COLUMNS = [("group", "Group"), ("entry", "Entry"), ("matching_idle_jobs", "IdleJobs"),
                     ("effective_idle_jobs", "Effective"), ("running_jobs", "RunJobs"), ("req_idle", "ReqIdle"),
                     ("req_max", "ReqMax"), ("factory_idle", "GlIdle"), ("factory_running", "GlRun"),
@@ -141,8 +148,9 @@ FRONTEND_COLUMNS = [("group", "Group"), ("entry", "Entry"), ("matching_idle_jobs
 
 def run(args: argparse.Namespace) -> int:
     if args.role == "factory":
-        ads = fetch(args, ["glidefactory", "glidefactoryclient"])
-        rows, columns = factory_rows(ads["glidefactory"], ads["glidefactoryclient"]), FACTORY_COLUMNS
+        ads = fetch(args, ["glidefactory", "glidefactoryclient", "glideclient"])
+        rows = factory_rows(ads["glidefactory"], ads["glidefactoryclient"], ads["glideclient"])
+        columns = FACTORY_COLUMNS
     else:
         ads = fetch(args, ["glideclient"])
         rows, columns = frontend_rows(ads["glideclient"]), FRONTEND_COLUMNS

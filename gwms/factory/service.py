@@ -70,13 +70,31 @@ class Entry:
     name: str
     settings: dict[str, Any]
     description: str = ""  # hash of its glidein file description
-    tokens: float = 0.0  # submit-rate budget (glideins)
-    last_refill: float = 0.0
+    bucket: "RateBudget" = field(default_factory=lambda: RateBudget(60.0))  # the entry's submit rate
+    frontend_buckets: dict[str, "RateBudget"] = field(default_factory=dict)  # a frontend's rate at the entry
     requests: dict[str, Request] = field(default_factory=dict)  # client -> request
 
-    @property
-    def rate_per_s(self) -> float:
-        return max(0.0, float(self.settings["submit_rate"])) / 60.0
+
+@dataclass
+class RateBudget:
+    """A submit rate (glideins a minute) as a token bucket holding at most a minute's worth:
+    a factory that was idle may submit a minute's glideins at once, then the rate holds."""
+
+    per_minute: float
+    tokens: float = 0.0
+    last: float | None = None  # None: full at the first look
+
+    def available(self, now: float) -> int:
+        capacity = max(1.0, self.per_minute)
+        if self.last is None:
+            self.tokens = capacity
+        else:
+            self.tokens = min(capacity, self.tokens + (now - self.last) * self.per_minute / 60.0)
+        self.last = now
+        return int(self.tokens)
+
+    def spend(self, n: int) -> None:
+        self.tokens -= n
 
 
 def _int_attr(ad: classads.ClassAd, name: str, default: int = 0) -> int:
@@ -118,9 +136,7 @@ class Factory:
         self.web_url = web_url.rstrip("/") + "/"
         self.public_key = public_key
         self.auditor = auditor
-        now = reactor.seconds()
-        self.entries = {name: Entry(name, {**entry, "name": name}, tokens=max(1.0, entry["submit_rate"]),
-                                    last_refill=now)
+        self.entries = {name: Entry(name, {**entry, "name": name}, bucket=RateBudget(entry["submit_rate"]))
                         for name, entry in sorted(settings["entry"].items())}
         self._refused: set[tuple[str, str, str]] = set()  # (identity, entry, client) audited already
         self.cycles = 0
@@ -254,17 +270,12 @@ class Factory:
             out += newest_first[:max(0, len(left) - request.max_glideins)]
         return out
 
-    def _budget(self, entry: Entry, now: float) -> int:
-        capacity = max(1.0, float(entry.settings["submit_rate"]))
-        entry.tokens = min(capacity, entry.tokens + (now - entry.last_refill) * entry.rate_per_s)
-        entry.last_refill = now
-        return int(entry.tokens)
-
-    def allocate(self, entry: Entry, budget: int) -> dict[str, int]:
+    def allocate(self, entry: Entry, now: float) -> dict[str, int]:
         """How many glideins to submit now for each client's request at ``entry``: what each
-        asks for (idle and max), within the frontend's limits at the entry, sharing the entry's
-        room (max idle, max glideins, the submit-rate budget) round robin, so that one
-        frontend's large request does not starve another's."""
+        asks for (idle and max), within the frontend's limits at the entry (and its submit
+        rate there), sharing the entry's room (max idle, max glideins, its submit rate) round
+        robin, so that one frontend's large request does not starve another's."""
+        budget = entry.bucket.available(now)
         settings = entry.settings
         glideins = self.records.of_entry(entry.name)
         at_entry = self.counts(glideins)
@@ -279,9 +290,13 @@ class Factory:
             if request.identity not in identity_room:
                 limits = settings["frontend_limits"].get(request.identity, {})
                 theirs = self.counts([g for g in glideins if g.identity == request.identity])
+                rate = 1 << 62
+                if "submit_rate" in limits:
+                    bucket = entry.frontend_buckets.setdefault(request.identity, RateBudget(limits["submit_rate"]))
+                    rate = bucket.available(now)
                 identity_room[request.identity] = 0 if theirs["held"] >= limits.get("max_held", 1 << 62) else min(
                     limits.get("max_idle", 1 << 62) - theirs["idle"],
-                    limits.get("max_glideins", 1 << 62) - theirs["total"])
+                    limits.get("max_glideins", 1 << 62) - theirs["total"], rate)
         out = dict.fromkeys(wants, 0)
         while room > 0:
             progress = False
@@ -298,7 +313,7 @@ class Factory:
 
     @defer.inlineCallbacks
     def _submit(self, entry: Entry, plugin: Any, now: float) -> Any:
-        for client, n in self.allocate(entry, self._budget(entry, now)).items():
+        for client, n in self.allocate(entry, now).items():
             request = entry.requests[client]
             new = [Glidein(f"{entry.name}-{secrets.token_hex(6)}", entry.name, client, request.identity, now,
                            changed=now) for _ in range(n)]
@@ -314,7 +329,9 @@ class Factory:
             self.records.update([self.records.set_state(g, QUEUED, now, grid_id=accepted[g.glidein_id])
                                  for g in new if g.glidein_id in accepted])
             self.records.forget([g.glidein_id for g in new if g.glidein_id not in accepted])
-            entry.tokens -= len(new)
+            entry.bucket.spend(len(new))
+            if request.identity in entry.frontend_buckets:
+                entry.frontend_buckets[request.identity].spend(len(new))
             log.info("factory: submitted {n} glideins to {entry} for {client}", n=len(accepted), entry=entry.name,
                      client=client)
 

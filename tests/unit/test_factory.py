@@ -52,6 +52,11 @@ attributes = {{GLIDEIN_Site = "SiteB"}}
 allowed_frontends = ["frontend1"]
 submit_rate = 60
 enabled = {enabled_b}
+[factory.entry.C]
+grid = "fake"
+allowed_frontends = ["frontend1"]
+submit_rate = 600
+frontend_limits = {{frontend1 = {{submit_rate = 6}}}}
 """
 
 
@@ -147,7 +152,7 @@ def test_the_factory_keeps_the_requested_idle_glideins_and_advertises_its_entrie
     env.cycle()  # 3 started: 3 more to keep 5 idle
     assert env.states() == {QUEUED: 5, RUNNING: 3}
     entries = {ad["EntryName"]: ad for ad in env.ads("glidefactory")}
-    assert sorted(entries) == ["A", "B"]
+    assert sorted(entries) == ["A", "B", "C"]
     assert entries["A"]["GLIDEIN_Site"] == "SiteA" and entries["A"]["GLIDEIN_CPUS"] == 2
     assert entries["A"]["PubKeyValue"] == "PUBLIC KEY" and entries["A"]["AuthenticatedIdentity"] == "factory"
     [monitor] = env.ads("glidefactoryclient")
@@ -186,6 +191,16 @@ def test_entry_and_frontend_limits_and_the_submit_rate_bound_submission(env):
     assert len(env.records.of_entry("B")) == 70  # 10 s of 60 a minute later: 10 more
     env.cycle(advance=5)
     assert len(env.records.of_entry("B")) == 75
+
+
+def test_a_frontends_own_submit_rate_at_an_entry_bounds_its_submissions(env):
+    env.request("frontend1", "C", idle=50)
+    env.cycle()
+    assert len(env.records.of_entry("C")) == 6  # a minute's worth of its 6 a minute
+    env.cycle(advance=10)
+    assert len(env.records.of_entry("C")) == 7
+    env.cycle(advance=120)  # the bucket holds at most a minute's worth
+    assert len(env.records.of_entry("C")) == 13
 
 
 def test_held_glideins_are_removed_and_too_many_held_stop_submission(env):
