@@ -52,3 +52,23 @@ def test_bad_values_are_errors_that_say_what_was_expected():
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read configuration"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_factory_entries_and_frontend_groups_are_named_tables_checked_key_by_key():
+    config = parse_config('[factory.entry.ce1]\nattributes = { GLIDEIN_Site = "X" }\n'
+                          'frontend_limits = { "fe" = { max_idle = 3, submit_rate = 1.5 } }\n'
+                          '[frontend.group.main]\nmatch = "true"\n')
+    entry = config.section("factory")["entry"]["ce1"]
+    assert entry["grid"] == "local" and entry["attributes"] == {"GLIDEIN_Site": "X"}
+    assert entry["frontend_limits"] == {"fe": {"max_idle": 3, "submit_rate": 1.5}}
+    assert config.section("frontend")["group"]["main"]["idle_per_entry"] == 100
+    assert parse_config("").section("factory")["entry"] == {}
+    for text, message in (
+            ("[factory.entry.ce1]\nmax_idel = 3\n", "unknown key 'max_idel' in [factory.entry.ce1]"),
+            ("[factory.entry]\nce1 = 3\n", "[factory.entry] must hold tables, one per name"),
+            ('[factory.entry.ce1]\nfrontend_limits = { "fe" = { max_idle = -1 } }\n',
+             "entry 'fe' must be a table of max_glideins, max_idle, max_held"),
+            ("[frontend.group.main]\nramp_up = \"fast\"\n", "[frontend.group.main] ramp_up must be an integer")):
+        with pytest.raises(ConfigError) as e:
+            parse_config(text)
+        assert message in str(e.value)
