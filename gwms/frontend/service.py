@@ -21,7 +21,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from gwms import classads
-from gwms.config import HostConfig
+from gwms.config import ConfigError, HostConfig
 from gwms.daemon import DaemonOptions, client_security
 from gwms.frontend.pressure import (CycleResult, EntryRequest, FactoryCounts, FactoryEntry, FrontendLimits,
                                     GroupConfig, compute_requests)
@@ -54,6 +54,9 @@ class Frontend:
                                    remove_excess=g["remove_excess"].upper(), client_name=self.client_name(name))
                        for name, g in sorted(settings["group"].items())]
         self.limits = FrontendLimits(max_idle=settings["max_idle"], max_running=settings["max_running"])
+        if self.groups and not settings["trusted"]:
+            raise ConfigError(f"{config.source}: [frontend] trusted must name the identities of the pool's schedds: "
+                              "the glideins' startds accept claims from them only")
         self.previous: CycleResult | None = None
         self.cycles = 0
 
@@ -112,8 +115,10 @@ class Frontend:
         try:
             glideins = yield query_ads(self.pool_collectors, "Machine", "GLIDEIN_Client =!= undefined")
         except Exception as e:
-            log.warn("frontend: cannot read the pool's glideins: {error}", error=str(e))
-            glideins = []
+            # Without the pool's glideins every one of them would look missing and the
+            # requests would grow: skip the cycle (the last requests stay until they expire).
+            log.warn("frontend: cannot read the pool's glideins, skipping this cycle: {error}", error=str(e))
+            return self.previous
         entries, ok = yield self.entries()
         result = compute_requests(self.groups, self.limits, jobs, entries, glideins, self.previous,
                                   self.reactor.seconds(), glidein_collector_ok=ok)
