@@ -218,6 +218,12 @@ FRONTEND_KEYS: dict[str, Key] = {
                                   "pool collector)."),
     "trusted": Key("strlist", [], "Identities the glideins' startds allow at DAEMON level: the pool's schedds."),
     "cycle_interval": Key("float", 60.0, "Seconds between frontend cycles."),
+    "validation_scripts": Key("strlist", [], "The VO's own validation scripts (paths): the frontend serves them and "
+                                             "every glidein it asks for runs them after the factory's."),
+    "work_dir": Key("path", "frontend", "Directory of the files the frontend serves to glideins."),
+    "web_listen": Key("address", "127.0.0.1:0", "TCP address of the web server for the frontend's glidein files "
+                                                "(started only with validation_scripts)."),
+    "web_url": Key("str", None, "URL glideins fetch the frontend's files from (default: http://<web_listen>/)."),
     "max_idle": Key("int", 5000, "Most idle glideins requested over all groups."),
     "max_running": Key("int", 50000, "Most glideins over all groups."),
 }

@@ -63,6 +63,9 @@ class Request:
     remove_excess: str  # ReqRemoveExcess
     collectors: str  # GLIDEIN_Collector: the pool the glideins join, "host:port,..."
     trusted: list[str]  # GLIDEIN_Trusted: identities the glideins' startds allow (the schedds)
+    # The frontend's own glidein files (its validation scripts): its web URL and the sha256 of
+    # its description, passed on to the glideins with their submission.
+    client_files: tuple[str, str] | None = None
 
 
 @dataclass
@@ -116,8 +119,13 @@ def parse_request(ad: classads.ClassAd) -> Request | None:
     if not isinstance(trusted, list) or not all(isinstance(t, str) for t in trusted):
         trusted = []
     collectors = ad.get("GLIDEIN_Collector", "")
+    web, description = ad.get("ClientWebURL"), ad.get("ClientDescription")
+    client_files = None
+    if isinstance(web, str) and web.startswith(("http://", "https://")) and isinstance(description, str) \
+            and len(description) == 64 and all(c in "0123456789abcdef" for c in description):
+        client_files = (web, description)
     return Request(client, identity, _int_attr(ad, "ReqIdleGlideins"), _int_attr(ad, "ReqMaxGlideins"),
-                   mode, collectors if isinstance(collectors, str) else "", list(trusted))
+                   mode, collectors if isinstance(collectors, str) else "", list(trusted), client_files)
 
 
 class Factory:
@@ -345,6 +353,8 @@ class Factory:
                 "-failure_backoff", str(int(s["failure_backoff"])), "-listen", s["worker_listen"]]
         for identity in request.trusted:
             args += ["-trusted", identity]
+        if request.client_files is not None:
+            args += ["-client_web", request.client_files[0], "-client_descript", request.client_files[1]]
         if s["python"]:
             args += ["-python", s["python"]]
         return tuple(args)

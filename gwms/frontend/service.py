@@ -59,6 +59,9 @@ class Frontend:
                               "the glideins' startds accept claims from them only")
         self.previous: CycleResult | None = None
         self.cycles = 0
+        # The frontend's own glidein files (validation scripts), once its web server is up:
+        # (URL, description hash), passed to the glideins through the factory.
+        self.files: tuple[str, str] | None = None
 
     def client_name(self, group: str) -> str:
         return f"{self.name}.{group}"
@@ -144,6 +147,8 @@ class Frontend:
         ad["ReqRemoveExcess"] = request.req_remove_excess
         ad["GLIDEIN_Collector"] = _address_text(self.pool_addresses)
         ad["GLIDEIN_Trusted"] = list(self.settings["trusted"])
+        if self.files is not None:
+            ad["ClientWebURL"], ad["ClientDescription"] = self.files
         # What `gwms frontend status` shows (glideinWMS's frontend monitoring).
         ad["MatchingIdleJobs"] = request.idle_jobs
         ad["EffectiveIdleJobs"] = float(request.effective_idle_jobs)
@@ -205,25 +210,60 @@ class FrontendService(service.MultiService):
 
         self.frontend = Frontend(reactor, config, self.glidein_collectors, self.pool_collectors, schedd_client)
         self.interval = settings["cycle_interval"]
+        self.settings = settings
+        self.web_port: Any = None
         self._loop = LoopingCall(self._cycle)
         self._loop.clock = reactor
 
     def startService(self) -> None:
         super().startService()
         log.info("frontend {name}: {n} groups", name=self.frontend.name, n=len(self.frontend.groups))
-        self._loop.start(self.interval, now=True)
+        if self.settings["validation_scripts"]:
+            self._serve_files().addCallbacks(lambda _: self._loop.start(self.interval, now=True),
+                                             lambda f: (log.failure("frontend: cannot serve its files", f),
+                                                        self.reactor.stop()))
+        else:
+            self._loop.start(self.interval, now=True)
+
+    def _serve_files(self) -> defer.Deferred[None]:
+        """Publish the VO's validation scripts in a content-addressed store and serve it; the
+        requests then carry its URL and description hash (the glideins check every file)."""
+        from pathlib import Path
+
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+        from twisted.web.server import Site
+
+        from gwms.glidein.files import GlideinFilesResource, publish
+
+        store = Path(self.settings["work_dir"]) / "web"
+        description = publish(store, [("validate", Path(p).name, Path(p)) for p in self.settings["validation_scripts"]])
+        host, port = self.settings["web_listen"]
+        site = Site(GlideinFilesResource(store))
+        site.displayTracebacks = False
+
+        def listening(web_port: Any) -> None:
+            self.web_port = web_port
+            bound = web_port.getHost()
+            url = self.settings["web_url"] or f"http://{bound.host}:{bound.port}/"
+            self.frontend.files = (url.rstrip("/") + "/", description)
+            log.info("frontend: its glidein files at {url} (description {hash})", url=url, hash=description)
+
+        return TCP4ServerEndpoint(self.reactor, port, interface=host).listen(site).addCallback(listening)
 
     def _cycle(self) -> Any:
         return self.frontend.cycle().addErrback(lambda f: log.failure("frontend cycle failed", f))
 
+    @defer.inlineCallbacks
     def stopService(self) -> Any:
         if self._loop.running:
             self._loop.stop()
+        if self.web_port is not None:
+            yield self.web_port.stopListening()
         self.glidein_collectors.close()
         self.pool_collectors.close()
         for client in self._schedds.values():
             client.close()
-        return super().stopService()
+        yield super().stopService()
 
 
 class Options(DaemonOptions):

@@ -102,7 +102,7 @@ class Env:
         return out[0]
 
     def request(self, identity: str, entry: str, idle: int, max_glideins: int = 100, remove: str = "NO",
-                client: str | None = None) -> None:
+                client: str | None = None, **extra: object) -> None:
         ad = classads.ClassAd()
         client = client or f"{identity}.main"
         ad["MyType"] = "glideclient"
@@ -116,6 +116,8 @@ class Env:
         ad["ReqRemoveExcess"] = remove
         ad["GLIDEIN_Collector"] = "pool.memory:9618"
         ad["GLIDEIN_Trusted"] = ["/CN=schedd"]
+        for key, value in extra.items():
+            ad[key] = value
         self.run(self.collectors(identity).advertise(ad, "ADVERTISE_FRONTEND"))
 
     def cycle(self, advance: float = 10) -> None:
@@ -265,3 +267,19 @@ def test_finished_glideins_are_forgotten_and_replaced(env):
     env.cycle()
     assert all(g.grid_id not in first for g in env.records.of_entry("A"))
     assert env.states() == {QUEUED: 2}
+
+
+@pytest.mark.parametrize("url, description, passed", [
+    ("http://frontend.example:8080/", "a" * 64, True),
+    ("http://frontend.example:8080/", "A" * 64, False),  # not a lowercase sha256
+    ("http://frontend.example:8080/", "a" * 63, False),
+    ("file:///etc/", "a" * 64, False),  # only http(s)
+])
+def test_a_frontends_own_files_reach_the_glideins_only_as_a_well_formed_url_and_hash(env, url, description, passed):
+    env.request("frontend1", "A", idle=1, ClientWebURL=url, ClientDescription=description)
+    env.cycle()
+    args = list(next(iter(env.grid.submissions.values())).arguments)
+    if passed:
+        assert args[args.index("-client_web") + 1] == url and args[args.index("-client_descript") + 1] == description
+    else:
+        assert "-client_web" not in args and "-client_descript" not in args

@@ -98,3 +98,13 @@ def test_a_frontend_with_groups_must_name_the_schedds_its_glideins_trust():
         Frontend(Clock(), parse_config(CONFIG.replace('trusted = ["/CN=schedd"]\n', "")), StubCollectors(),
                  StubCollectors(), lambda a: StubSchedd([]))
     assert "[frontend] trusted must name the identities of the pool's schedds" in str(e.value)
+
+
+def test_requests_carry_the_frontends_own_files_once_it_serves_them():
+    frontend, glidein, _pool = make([ad(ClusterId=1, ProcId=0, JobStatus=1)])
+    run(frontend.cycle())
+    assert "ClientWebURL" not in glidein.advertised[-1][2]
+    frontend.files = ("http://frontend.example:8080/", "b" * 64)
+    run(frontend.cycle())
+    request = glidein.advertised[-1][2]
+    assert (request["ClientWebURL"], request["ClientDescription"]) == ("http://frontend.example:8080/", "b" * 64)
