@@ -122,6 +122,8 @@ SCHEDD_KEYS: dict[str, Key] = {
     "update_interval": Key("float", 60.0, "Seconds between Scheduler/Submitter ad updates."),
     "periodic_interval": Key("float", 60.0, "Seconds between periodic_hold/release/remove evaluations."),
     "reconnect_interval": Key("float", 5.0, "Seconds between a shadow's attempts to reach a lost starter."),
+    "proxy_check_interval": Key("float", 30.0, "Seconds between checks of the users' x509userproxy files: a refreshed "
+                                               "proxy is delegated again to the running job; an expired one holds it."),
     "negotiator": Key("address", None, "Negotiator to poke (RESCHEDULE) when jobs arrive (default: from the collector)."),
     "address_file": Key("path", None, "File the schedd writes its actual address to once it listens."),
 }
@@ -138,7 +140,15 @@ STARTD_KEYS: dict[str, Key] = {
     "start": Key("str", "true", "START expression: which jobs this machine accepts."),
     "rank": Key("str", "0", "The machine's Rank of jobs."),
     "attributes": Key("table", {}, "Extra attributes for the machine ads (name = ClassAd expression text)."),
-    "identity_switch": Key("str", "none", "The IIdentitySwitch plugin: none, or module:Class."),
+    "identity_switch": Key("str", "none", "The IIdentitySwitch plugin: none, setuid, glexec, or module:Class."),
+    "allow_shared_identity": Key("bool", False, "With identity_switch = none, run jobs of more than one Owner as the "
+                                                "startd's user (dangerous: each can read and kill the others' jobs)."),
+    "grid_mapfile": Key("path", None, "'\"DN\" account' and 'user account' lines mapping a job's proxy DN or Owner to a "
+                                      "local account (setuid and the stock glexec helper)."),
+    "glexec_command": Key("strlist", [], "The glexec plugin's helper command (default: gwms's stock helper, which "
+                                         "maps with the grid-mapfile and switches with setpriv or runuser)."),
+    "pilot_credential": Key("path", None, "The glidein's own credential (its proxy or token), which jobs must not "
+                                          "be able to read (set by glidein_startup.sh)."),
     "update_interval": Key("float", 300.0, "Seconds between slot ad updates (and on every change)."),
     "claim_worklife": Key("float", 1200.0, "Seconds a claim may run further jobs without a new negotiation."),
     "idle_claim_timeout": Key("float", 600.0, "Seconds a claim may sit without a job before it is released."),
