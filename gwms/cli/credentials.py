@@ -140,6 +140,42 @@ def _proxy_init(args: argparse.Namespace) -> int:
     return 0
 
 
+@_user_errors
+def _proxy_renew(args: argparse.Namespace) -> int:
+    """Keep a short proxy fresh from a long-lived credential, for cron: a new proxy is made only
+    when the current one has less than --min-left; the long-lived credential must not need a
+    pass phrase (a week-long proxy made with `gwms proxy init --hours 168`, or an unencrypted
+    robot key). Exit 0 when the proxy is fresh, 2 (a one-line error) when it could not be renewed."""
+    out = args.out or default_proxy_path()
+    now = _dt.datetime.now(_dt.timezone.utc)
+    min_left = _dt.timedelta(hours=args.min_left)
+    try:
+        current = load_credential(out)
+        left = min([current.cert.not_valid_after_utc, *(c.not_valid_after_utc for c in current.chain)]) - now
+    except (CredentialError, OSError):
+        current, left = None, _dt.timedelta(0)
+    if current is not None and left >= min_left:
+        print(f"{out}: still valid for {format_timeleft(left.total_seconds())} (at least "
+              f"{format_timeleft(min_left.total_seconds())} wanted): not renewed")
+        return 0
+    try:
+        issuer = load_credential(args.source, args.key)
+    except EncryptedKeyError:
+        raise UsageError(f"{args.source}: the key needs a pass phrase; `gwms proxy renew` runs unattended: "
+                         "renew from a long-lived proxy or an unencrypted key") from None
+    source_left = min([issuer.cert.not_valid_after_utc, *(c.not_valid_after_utc for c in issuer.chain)]) - now
+    if source_left.total_seconds() <= 0:
+        raise UsageError(f"{args.source}: the long-lived credential expired; renew it by hand (gwms proxy init)")
+    proxy = create_proxy(issuer, hours=args.hours, limited=args.limited, key_bits=args.bits)
+    write_credential(out, proxy)  # atomically: a job reading the file never sees half of it
+    end = proxy.cert.not_valid_after_utc
+    print(f"{out}: renewed from {args.source}, valid until {end:%Y-%m-%d %H:%M:%S} UTC")
+    if source_left < min_left + _dt.timedelta(hours=args.hours):
+        print(f"warning: {args.source} itself is valid for only {format_timeleft(source_left.total_seconds())} more",
+              file=sys.stderr)
+    return 0
+
+
 def _strength(cert: x509.Certificate) -> int | None:
     public = cert.public_key()
     if isinstance(public, ed25519.Ed25519PublicKey):
@@ -302,6 +338,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limited", action="store_true", help="make a limited proxy")
     p.add_argument("--bits", type=int, default=2048, help="key size (default: %(default)s)")
     p.set_defaults(func=_proxy_init)
+    p = proxy_sub.add_parser("renew", help="renew a short proxy from a long-lived credential when it runs low "
+                                           "(for cron)")
+    p.add_argument("--from", dest="source", required=True, metavar="LONG",
+                   help="the long-lived credential: a long proxy, or a certificate with an unencrypted key")
+    p.add_argument("--key", help="the key of --from, if it is in a file of its own")
+    p.add_argument("--out", help="the short proxy (default: $X509_USER_PROXY, /tmp/x509up_u<uid>)")
+    p.add_argument("--hours", type=float, default=12.0, help="lifetime of a new proxy (default: %(default)s)")
+    p.add_argument("--min-left", type=float, default=4.0, metavar="HOURS",
+                   help="renew when less than this is left (default: %(default)s)")
+    p.add_argument("--limited", action="store_true", help="make a limited proxy")
+    p.add_argument("--bits", type=int, default=2048, help="key size (default: %(default)s)")
+    p.set_defaults(func=_proxy_renew)
     p = proxy_sub.add_parser("info", help="describe a proxy (like grid-proxy-info)")
     p.add_argument("path", nargs="?", metavar="PROXY",
                    help="proxy file (default: $X509_USER_PROXY, /tmp/x509up_u<uid>)")

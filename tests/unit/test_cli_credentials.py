@@ -283,3 +283,36 @@ def test_gwms_main_exit_codes(pki: Path, tmp_path: Path, monkeypatch: pytest.Mon
         main(["proxy", "info", str(tmp_path / "missing")])
     assert info.value.code == 2
     assert capsys.readouterr().err.startswith("gwms proxy: certificate file ")
+
+
+def test_proxy_renew_keeps_a_fresh_proxy_and_renews_a_short_one_from_the_long_one(
+        pki: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    long_proxy, short = tmp_path / "long", tmp_path / "x509up"
+    assert run(["proxy", "init", "--cert", str(pki / "user-alice.pem"), "--key", str(pki / "user-alice.key"),
+                "--out", str(long_proxy), "--hours", "168", "--bits", "1024"], capsys)[0] == 0
+    renew = ["proxy", "renew", "--from", str(long_proxy), "--out", str(short), "--hours", "12", "--bits", "1024"]
+    code, out, _ = run(renew, capsys)  # no short proxy yet: made
+    assert code == 0 and "renewed from" in out
+    first = load_credential(short)
+    assert first.chain[0] == load_credential(long_proxy).cert  # signed by the long-lived proxy
+    assert stat.S_IMODE(short.stat().st_mode) == 0o600
+    code, out, _ = run(renew + ["--min-left", "4"], capsys)  # 12 h left, 4 wanted: left alone
+    assert code == 0 and "not renewed" in out and load_credential(short).cert == first.cert
+    code, out, _ = run(renew + ["--min-left", "13"], capsys)  # less than 13 h left: renewed
+    assert code == 0 and "renewed from" in out and load_credential(short).cert != first.cert
+    assert run(renew + ["--limited", "--min-left", "13"], capsys)[0] == 0
+    assert is_limited_proxy(load_credential(short).cert)
+
+
+def test_proxy_renew_says_why_it_cannot_renew(pki: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    short = tmp_path / "x509up"
+    expired = tmp_path / "expired"
+    issuer = load_credential(pki / "user-alice.pem", pki / "user-alice.key")
+    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=10)
+    write_credential(expired, create_proxy(issuer, hours=1, key_bits=1024, now=past))
+    code, _, err = run(["proxy", "renew", "--from", str(expired), "--out", str(short)], capsys)
+    assert code == 2 and "the long-lived credential expired; renew it by hand" in err
+    assert not short.exists()
+    code, _, err = run(["proxy", "renew", "--from", str(tmp_path / "missing"), "--out", str(short)], capsys)
+    assert code == 2 and "missing" in err
