@@ -227,6 +227,8 @@ FRONTEND_KEYS: dict[str, Key] = {
     "schedds": Key("strlist", [], "Schedd addresses (host:port) to read jobs from (default: every schedd in the "
                                   "pool collector)."),
     "trusted": Key("strlist", [], "Identities the glideins' startds allow at DAEMON level: the pool's schedds."),
+    "pilot_credential": Key("path", None, "A pilot credential (proxy or token file) the frontend hands to the "
+                                          "factories, sealed with each factory's public key, for its glideins."),
     "cycle_interval": Key("float", 60.0, "Seconds between frontend cycles."),
     "validation_scripts": Key("strlist", [], "The VO's own validation scripts (paths): the frontend serves them and "
                                              "every glidein it asks for runs them after the factory's."),

@@ -66,6 +66,8 @@ class Request:
     # The frontend's own glidein files (its validation scripts): its web URL and the sha256 of
     # its description, passed on to the glideins with their submission.
     client_files: tuple[str, str] | None = None
+    sealed_credential: str | None = None  # the frontend's pilot credential, sealed for this factory
+    credential: Path | None = None  # where the factory keeps it once opened and checked
 
 
 @dataclass
@@ -124,15 +126,18 @@ def parse_request(ad: classads.ClassAd) -> Request | None:
     if isinstance(web, str) and web.startswith(("http://", "https://")) and isinstance(description, str) \
             and len(description) == 64 and all(c in "0123456789abcdef" for c in description):
         client_files = (web, description)
+    sealed = ad.get("GlideinEncryptedCredential")
     return Request(client, identity, _int_attr(ad, "ReqIdleGlideins"), _int_attr(ad, "ReqMaxGlideins"),
-                   mode, collectors if isinstance(collectors, str) else "", list(trusted), client_files)
+                   mode, collectors if isinstance(collectors, str) else "", list(trusted), client_files,
+                   sealed if isinstance(sealed, str) else None)
 
 
 class Factory:
     """The factory's cycle, independent of how it is run (twistd, gwms-pool, a test's clock)."""
 
     def __init__(self, reactor: Any, config: HostConfig, records: GlideinRecords, plugins: Mapping[str, Any],
-                 collectors: CollectorList, web_url: str, public_key: str, auditor: Any = None) -> None:
+                 collectors: CollectorList, web_url: str, public_key: str, auditor: Any = None,
+                 private_key: Any = None) -> None:
         self.reactor = reactor
         self.config = config
         settings = config.section("factory")
@@ -143,6 +148,7 @@ class Factory:
         self.collectors = collectors
         self.web_url = web_url.rstrip("/") + "/"
         self.public_key = public_key
+        self.private_key = private_key  # opens the credentials frontends seal for this factory
         self.auditor = auditor
         self.entries = {name: Entry(name, {**entry, "name": name}, bucket=RateBudget(entry["submit_rate"]))
                         for name, entry in sorted(settings["entry"].items())}
@@ -179,12 +185,51 @@ class Factory:
                 log.info("factory: ignoring a malformed request {name}", name=str(ad.get("Name")))
                 continue
             if request.identity not in entry.settings["allowed_frontends"]:
-                key = (request.identity, entry.name, request.client)
-                if key not in self._refused:
-                    self._refused.add(key)
-                    self._audit(request, entry, "not in the entry's allowed_frontends")
+                self._refuse(request, entry, "not in the entry's allowed_frontends")
                 continue
+            if request.sealed_credential is not None:
+                problem = self._open_credential(request)
+                if problem is not None:
+                    self._refuse(request, entry, problem)
+                    continue
             entry.requests[request.client] = request
+
+    def _refuse(self, request: Request, entry: Entry, why: str) -> None:
+        key = (request.identity, entry.name, request.client, why)
+        if key not in self._refused:  # audited once, not every cycle
+            self._refused.add(key)
+            self._audit(request, entry, why)
+
+    def _open_credential(self, request: Request) -> str | None:
+        """Open a frontend's sealed pilot credential and keep it (mode 0600) for the request's
+        glideins; returns why it is refused, or None. Used only if the identity sealed inside is
+        the one the collector authenticated for the request: a credential lifted from another
+        frontend's request, or sealed by a frontend naming someone else, is refused."""
+        import hashlib
+
+        from gwms.credentials.sealed import SealError, unseal
+
+        if self.private_key is None:
+            return "it carries a sealed credential, and this factory has no key to open it"
+        try:
+            payload = unseal(self.private_key, request.sealed_credential)
+        except SealError as e:
+            return f"its sealed credential: {e}"
+        claimed, text = payload.get("identity"), payload.get("credential")
+        if claimed != request.identity:
+            return f"its sealed credential names {claimed!r}, not the frontend that advertised it"
+        if not isinstance(text, str) or not text.strip():
+            return "its sealed credential is empty"
+        name = hashlib.sha256(f"{request.identity}\0{request.client}".encode()).hexdigest()[:32]
+        path = Path(self.settings["work_dir"]) / "credentials" / f"{name}.pem"
+        data = text.encode("utf-8")
+        if not path.exists() or path.read_bytes() != data:
+            from gwms.credentials.x509 import write_private_file
+
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_private_file(path, data)
+        request.credential = path
+        return None
 
     def _audit(self, request: Request, entry: Entry, why: str) -> None:
         event = {"event": "glidein request ignored", "identity": request.identity, "entry": entry.name,
@@ -326,9 +371,9 @@ class Factory:
             new = [Glidein(f"{entry.name}-{secrets.token_hex(6)}", entry.name, client, request.identity, now,
                            changed=now) for _ in range(n)]
             self.records.add(new)  # durable before the grid sees them
+            credential = self.pilot_credential(entry, request)
             submissions = [GlideinSubmission(g.glidein_id, self.glidein_arguments(entry, request, g.glidein_id),
-                                             entry.settings["credential"] or self.settings["credential"])
-                           for g in new]
+                                             credential) for g in new]
             try:
                 accepted: dict[str, str] = yield plugin.submit(entry.settings, submissions)
             except Exception as e:
@@ -342,6 +387,15 @@ class Factory:
                 entry.frontend_buckets[request.identity].spend(len(new))
             log.info("factory: submitted {n} glideins to {entry} for {client}", n=len(accepted), entry=entry.name,
                      client=client)
+
+    def pilot_credential(self, entry: Entry, request: Request) -> Path | None:
+        """The credential a glidein gets: the one its frontend handed over, else the entry's,
+        the factory's, or the proxy X509_USER_PROXY names."""
+        import os
+
+        found = (request.credential or entry.settings["credential"] or self.settings["credential"]
+                 or os.environ.get("X509_USER_PROXY"))
+        return Path(found) if found else None
 
     def glidein_arguments(self, entry: Entry, request: Request, glidein_id: str) -> tuple[str, ...]:
         """glidein_startup.sh's options (the plugin adds -credential and -workdir)."""
@@ -451,9 +505,9 @@ def _attr_text(value: Any) -> str:
     return text
 
 
-def factory_key(path: Path) -> str:
-    """The factory's RSA key (made on first start, mode 0600); returns the public key in PEM.
-    Frontends encrypt credentials for the factory with it."""
+def factory_key(path: Path) -> tuple[Any, str]:
+    """The factory's RSA key (made on first start, mode 0600): (private key, public key in PEM).
+    Frontends seal their pilot credentials for the factory with the public key."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -471,7 +525,7 @@ def factory_key(path: Path) -> str:
         tmp.replace(path)
     public = key.public_key().public_bytes(serialization.Encoding.PEM,
                                            serialization.PublicFormat.SubjectPublicKeyInfo)
-    return public.decode("ascii")
+    return key, public.decode("ascii")
 
 
 class FactoryService(service.MultiService):
@@ -506,7 +560,7 @@ class FactoryService(service.MultiService):
         self.plugins = {kind: load_plugin("grid submitter", kind, GRID_SUBMITTERS, IGridSubmitter, config, reactor)
                         for kind in kinds}
         self.records = GlideinRecords(work / "factory.db")
-        self.public_key = factory_key(work / "factory_key.pem")
+        self.private_key, self.public_key = factory_key(work / "factory_key.pem")
         self.auditor = Auditor(config.pool["audit_log"])
         self.factory: Factory | None = None
         self.web_port: Any = None
@@ -536,7 +590,7 @@ class FactoryService(service.MultiService):
             tmp.write_text(f"{bound.host}:{bound.port}\n")
             tmp.replace(path)
         self.factory = Factory(self.reactor, self.config, self.records, self.plugins, self.collectors, url,
-                               self.public_key, self.auditor)
+                               self.public_key, self.auditor, self.private_key)
         for name, entry in self.factory.entries.items():
             entry.description = self.descriptions[name]
         log.info("factory {name}: {n} entries, glidein files at {url}", name=self.factory.name,

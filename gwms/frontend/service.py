@@ -31,6 +31,26 @@ from gwms.protocols.messages import Limits
 log = Logger()
 
 
+def own_identity(config: HostConfig) -> str:
+    """The identity this host authenticates as: its certificate's (or proxy's end-entity) DN,
+    else its token's subject; "" if it has neither."""
+    from gwms.credentials.tokens import TokenError, decode_token_unverified
+    from gwms.credentials.x509 import CredentialError, dn_string, load_credential, proxy_policy
+
+    pool = config.pool
+    try:
+        if pool["proxy"] is not None or pool["cert"] is not None:
+            cred = load_credential(pool["proxy"] or pool["cert"], None if pool["proxy"] else pool["key"])
+            identity = next((c for c in (cred.cert, *cred.chain) if proxy_policy(c) is None), cred.cert)
+            return dn_string(identity.subject)
+        if pool["token"] is not None:
+            _header, claims = decode_token_unverified(open(pool["token"], encoding="utf-8").read().strip())
+            return str(claims.get("sub", ""))
+    except (CredentialError, TokenError, OSError) as e:
+        raise ConfigError(f"{config.source}: cannot tell this frontend's identity: {e}") from None
+    return ""
+
+
 def _address_text(addresses: list[tuple[str, int]]) -> str:
     return ",".join(f"{h}:{p}" for h, p in addresses)
 
@@ -62,6 +82,9 @@ class Frontend:
         # The frontend's own glidein files (validation scripts), once its web server is up:
         # (URL, description hash), passed to the glideins through the factory.
         self.files: tuple[str, str] | None = None
+        self.factory_keys: dict[str, object] = {}  # entry@factory -> the factory's public key (PEM)
+        # Who this frontend is to the factories (the collector authenticates its ads as this).
+        self.identity = own_identity(config)
 
     def client_name(self, group: str) -> str:
         return f"{self.name}.{group}"
@@ -109,6 +132,7 @@ class Frontend:
                 held=int(ad.get("GlideinMonitorStatusHeld", 0) or 0))
         entries = [FactoryEntry(ad, counts.get(f"{ad.get('EntryName')}@{ad.get('FactoryName')}", {}))
                    for ad in entry_ads if ad.get("GlideinEnabled", True) is not False]
+        self.factory_keys = {f"{ad.get('EntryName')}@{ad.get('FactoryName')}": ad.get("PubKeyValue") for ad in entry_ads}
         return entries, True
 
     # -- one cycle -----------------------------------------------------------------------------
@@ -149,6 +173,9 @@ class Frontend:
         ad["GLIDEIN_Trusted"] = list(self.settings["trusted"])
         if self.files is not None:
             ad["ClientWebURL"], ad["ClientDescription"] = self.files
+        sealed = self.sealed_credential(request)
+        if sealed is not None:
+            ad["GlideinEncryptedCredential"] = sealed
         # What `gwms frontend status` shows (glideinWMS's frontend monitoring).
         ad["MatchingIdleJobs"] = request.idle_jobs
         ad["EffectiveIdleJobs"] = float(request.effective_idle_jobs)
@@ -162,6 +189,25 @@ class Frontend:
         ad["CurbReason"] = request.curb_reason
         ad["ClassAdLifetime"] = int(max(3 * self.settings["cycle_interval"], 60))
         return ad
+
+    def sealed_credential(self, request: EntryRequest) -> str | None:
+        """The pilot credential sealed for the entry's factory (its PubKeyValue), naming this
+        frontend's identity inside; None without a pilot_credential or a factory key. Read each
+        time: a cron job may have renewed the file."""
+        from gwms.credentials.sealed import SealError, seal
+
+        path = self.settings["pilot_credential"]
+        public_key = self.factory_keys.get(request.entry)
+        if path is None or not isinstance(public_key, str):
+            return None
+        try:
+            text = open(path, encoding="utf-8").read()
+            return seal(public_key, {"identity": self.identity, "credential": text, "entry": request.entry,
+                                     "client": self.client_name(request.group)})
+        except (OSError, UnicodeDecodeError, SealError) as e:
+            log.warn("frontend: cannot seal the pilot credential {path} for {entry}: {error}", path=str(path),
+                     entry=request.entry, error=str(e))
+            return None
 
     @defer.inlineCallbacks
     def advertise(self, result: CycleResult) -> Any:

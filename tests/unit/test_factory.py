@@ -82,8 +82,11 @@ class Env:
                              memory_client_security(self.config, identity), connector=self.net.connector)
 
     def make_factory(self) -> Factory:
+        from gwms.factory.service import factory_key
+
+        self.private_key, self.public_key = factory_key(self.tmp_path / "factory" / "factory_key.pem")
         factory = Factory(self.clock, self.config, self.records, {"fake": self.grid}, self.collectors("factory"),
-                          "http://factory.memory/", "PUBLIC KEY", Auditor(self.audit_file))
+                          "http://factory.memory/", self.public_key, Auditor(self.audit_file), self.private_key)
         for entry in factory.entries.values():
             entry.description = "0" * 64
         return factory
@@ -156,7 +159,8 @@ def test_the_factory_keeps_the_requested_idle_glideins_and_advertises_its_entrie
     entries = {ad["EntryName"]: ad for ad in env.ads("glidefactory")}
     assert sorted(entries) == ["A", "B", "C"]
     assert entries["A"]["GLIDEIN_Site"] == "SiteA" and entries["A"]["GLIDEIN_CPUS"] == 2
-    assert entries["A"]["PubKeyValue"] == "PUBLIC KEY" and entries["A"]["AuthenticatedIdentity"] == "factory"
+    assert entries["A"]["PubKeyValue"].startswith("-----BEGIN PUBLIC KEY-----")
+    assert entries["A"]["AuthenticatedIdentity"] == "factory"
     [monitor] = env.ads("glidefactoryclient")
     assert (monitor["ReqClientName"], monitor["GlideinMonitorRequestedIdle"], monitor["GlideinMonitorStatusIdle"],
             monitor["GlideinMonitorStatusRunning"]) == ("frontend1.main", 5, 5, 3)
@@ -283,3 +287,38 @@ def test_a_frontends_own_files_reach_the_glideins_only_as_a_well_formed_url_and_
         assert args[args.index("-client_web") + 1] == url and args[args.index("-client_descript") + 1] == description
     else:
         assert "-client_web" not in args and "-client_descript" not in args
+
+
+def test_a_frontends_sealed_pilot_credential_goes_to_its_glideins(env):
+    from gwms.credentials.sealed import seal
+
+    sealed = seal(env.public_key, {"identity": "frontend1", "credential": "PILOT PROXY PEM\n"})
+    env.request("frontend1", "A", idle=2, GlideinEncryptedCredential=sealed)
+    env.cycle()
+    [credential] = {g.credential for g in env.grid.submissions.values()}
+    assert credential.read_text() == "PILOT PROXY PEM\n" and oct(credential.stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_sealed_credential_that_names_another_identity_is_refused_with_its_request(env):
+    from gwms.credentials.sealed import seal
+
+    # frontend2 seals a credential claiming to be frontend1 (or copied frontend1's sealed ad)
+    forged = seal(env.public_key, {"identity": "frontend1", "credential": "SOMEONE ELSE'S PROXY\n"})
+    env.request("frontend2", "A", idle=2, GlideinEncryptedCredential=forged)
+    env.request("frontend1", "A", idle=1, client="frontend1.other", GlideinEncryptedCredential="garbage")
+    env.cycle()
+    assert env.grid.submissions == {}
+    events = [json.loads(line) for line in env.audit_file.read_text().splitlines()]
+    assert sorted((e["identity"], e["reason"]) for e in events) == [
+        ("frontend1", "its sealed credential: cannot open the sealed credential (Error: it was not sealed for this "
+                      "factory's key, or it was changed)"),
+        ("frontend2", "its sealed credential names 'frontend1', not the frontend that advertised it")]
+    assert not (env.tmp_path / "factory" / "credentials").exists()  # nothing of it was kept
+
+
+def test_without_a_frontend_credential_glideins_get_the_factorys_or_x509_user_proxy(env, monkeypatch, tmp_path):
+    monkeypatch.setenv("X509_USER_PROXY", str(tmp_path / "x509up_u0"))
+    env.request("frontend1", "A", idle=1)
+    env.cycle()
+    [credential] = {g.credential for g in env.grid.submissions.values()}
+    assert credential == tmp_path / "x509up_u0"

@@ -108,3 +108,26 @@ def test_requests_carry_the_frontends_own_files_once_it_serves_them():
     run(frontend.cycle())
     request = glidein.advertised[-1][2]
     assert (request["ClientWebURL"], request["ClientDescription"]) == ("http://frontend.example:8080/", "b" * 64)
+
+
+def test_the_pilot_credential_is_sealed_for_the_entrys_factory_with_the_frontends_identity(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from gwms.credentials.sealed import unseal
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = private.public_key().public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    (tmp_path / "pilot.pem").write_text("PILOT\n")
+    config = parse_config(CONFIG.replace('name = "fe"', f'name = "fe"\npilot_credential = "{tmp_path}/pilot.pem"'))
+    glidein = StubCollectors({"glidefactory": [ad(MyType="glidefactory", Name="A@f1", EntryName="A",
+                                                  FactoryName="f1", PubKeyValue=public)]})
+    frontend = Frontend(Clock(), config, glidein, StubCollectors({"Machine": []}),
+                        lambda address: StubSchedd([ad(ClusterId=1, ProcId=0, JobStatus=1)]))
+    frontend.identity = "/O=gwms/OU=Hosts/CN=frontend"
+    run(frontend.cycle())
+    request = glidein.advertised[-1][2]
+    payload = unseal(private, request["GlideinEncryptedCredential"])
+    assert payload["identity"] == "/O=gwms/OU=Hosts/CN=frontend" and payload["credential"] == "PILOT\n"
+    assert "PILOT" not in classads.format_old(request)
