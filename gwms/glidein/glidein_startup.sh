@@ -6,6 +6,13 @@
 # runs the validation scripts, writes the startd's configuration and runs gwms-startd until the
 # startd exits or the batch system tells the glidein to stop.
 #
+# A VO frontend may add its own validation scripts (and files they use), as in glideinWMS: with
+# -client_web and -client_descript (which the factory passes on from the frontend's authenticated
+# request) the glidein also fetches the frontend's description and files, checked the same way,
+# into client/ (apart from the factory's), and runs the frontend's validate scripts after the
+# factory's. A frontend's description may list only validate and file entries: the trust anchors
+# (ca), the Python (wheel) and the entry's attributes (attrs) are the factory's alone.
+#
 # POSIX sh on purpose: it must run under whatever /bin/sh a worker node has (dash on Debian,
 # busybox, bash), before anything of ours is installed there. So: no arrays, no `local`, printf
 # instead of echo for data (dash's echo interprets backslashes), and the few tools it needs
@@ -18,7 +25,7 @@ usage: glidein_startup.sh -web URL -descript SHA256 -entry NAME -factory NAME -c
            -name ID -collectors HOST:PORT[,HOST:PORT...] -trusted IDENTITY [-trusted IDENTITY...]
            -credential PATH -lifetime SECONDS [-retire SECONDS] [-idle SECONDS]
            [-credential_margin SECONDS] [-failure_backoff SECONDS] [-listen HOST]
-           [-python PATH] [-workdir DIR]
+           [-python PATH] [-workdir DIR] [-client_web URL -client_descript SHA256]
 USAGE
     exit 2
 }
@@ -40,12 +47,13 @@ nl='
 
 web= descript= entry= factory= client= name= collectors= credential= lifetime= retire=
 idle=1200 margin=300 backoff=0 listen=127.0.0.1 python=python3 workdir=
-trusted=
+trusted= client_web= client_descript= client_web_given= client_descript_given=
 while [ $# -gt 0 ]; do
     opt=$1
     case $opt in
         -web|-descript|-entry|-factory|-client|-name|-collectors|-trusted|-credential|-lifetime|\
-        -retire|-idle|-credential_margin|-failure_backoff|-listen|-python|-workdir) ;;
+        -retire|-idle|-credential_margin|-failure_backoff|-listen|-python|-workdir|\
+        -client_web|-client_descript) ;;
         *) usage "unknown option: $opt" ;;
     esac
     [ $# -ge 2 ] || usage "option $opt needs a value"
@@ -70,6 +78,8 @@ while [ $# -gt 0 ]; do
         -listen) listen=$value ;;
         -python) python=$value ;;
         -workdir) workdir=$value ;;
+        -client_web) client_web=$value client_web_given=1 ;;
+        -client_descript) client_descript=$value client_descript_given=1 ;;
     esac
     shift 2
 done
@@ -91,9 +101,29 @@ for pair in "retire:$retire" "idle:$idle" "credential_margin:$margin" "failure_b
     is_count "${pair#*:}" || usage "-${pair%%:*} must be a whole number of seconds, got '${pair#*:}'"
 done
 # The hash names a file in a URL: exactly 64 lowercase hex digits, nothing else.
-case $descript in *[!0-9a-f]*) usage "-descript must be a SHA-256 in lowercase hex, got '$descript'" ;; esac
-[ ${#descript} -eq 64 ] || usage "-descript must be a SHA-256 in lowercase hex (64 digits), got '$descript'"
+check_sha256_option() {  # OPTION VALUE
+    case $2 in *[!0-9a-f]*) usage "$1 must be a SHA-256 in lowercase hex, got '$2'" ;; esac
+    [ ${#2} -eq 64 ] || usage "$1 must be a SHA-256 in lowercase hex (64 digits), got '$2'"
+}
+check_sha256_option -descript "$descript"
 web=${web%/}
+# The frontend's files: both options or neither.
+if [ -n "$client_web_given" ] && [ -z "$client_descript_given" ]; then
+    usage "missing option -client_descript (-client_web and -client_descript go together)"
+fi
+if [ -n "$client_descript_given" ] && [ -z "$client_web_given" ]; then
+    usage "missing option -client_web (-client_web and -client_descript go together)"
+fi
+if [ -n "$client_web_given" ]; then
+    # It comes from the frontend, through the factory: an http(s) URL, never something a
+    # fetcher could take for one of its options.
+    case $client_web in
+        http://?*|https://?*) ;;
+        *) usage "-client_web must be an http:// or https:// URL, got '$client_web'" ;;
+    esac
+    check_sha256_option -client_descript "$client_descript"
+    client_web=${client_web%/}
+fi
 
 here=$(pwd) || die "cannot tell the current directory"
 workdir=${workdir:-$here}
@@ -142,6 +172,11 @@ glide_dir=$(mktemp -d "$workdir/glide_XXXXXX") || die "cannot make a directory u
 cd "$glide_dir" || die "cannot enter $glide_dir"
 config=$glide_dir/glidein_config
 mkdir "$glide_dir/files" "$glide_dir/wheels" || die "cannot make directories in $glide_dir"
+# The frontend's files in a directory of their own: a name it shares with a factory file
+# cannot replace that file.
+if [ -n "$client_web" ]; then
+    mkdir "$glide_dir/client" "$glide_dir/client/files" || die "cannot make directories in $glide_dir"
+fi
 
 start_time=$(date +%s 2>/dev/null)
 case $start_time in
@@ -167,6 +202,10 @@ esac
     printf '%s' "$trusted" | while IFS= read -r identity; do
         printf 'GLIDEIN_Trusted=%s\n' "$identity"
     done
+    # Which frontend files this glidein ran (they reach the slot ad).
+    if [ -n "$client_web" ]; then
+        printf '%s=%s\n' GLIDEIN_Client_Web "$client_web" GLIDEIN_Client_Description "$client_descript"
+    fi
 } > "$config" || die "cannot write $config"
 say "glidein $name of entry $entry (factory $factory, for $client) in $glide_dir"
 
@@ -232,59 +271,98 @@ hash_of() {  # ALGO FILE: prints the hex digest
     fi
 }
 
-fetch "$web/descriptions/$descript" "$glide_dir/description" \
-    || die "cannot fetch the description from $web/descriptions/$descript (with $fetcher)"
-got=$(hash_of sha256 "$glide_dir/description")
-[ "$got" = "$descript" ] || die "description: sha256 mismatch: expected $descript, got $got"
+# fetch_set SIDE WEB HASH DIR KINDS: fetch the description WEB/descriptions/HASH into DIR and
+# check it against HASH, then fetch every file it lists from WEB/files/<hexdigest>/<name> into
+# DIR/files (wheels into DIR/wheels), check each against the description, and list them as
+# "<kind> <name>" lines in DIR/files.list. SIDE starts every message about this set ('' for the
+# factory, 'frontend ' for the frontend); KINDS are the kinds the set may hold. The whole
+# description is read before any file is fetched: a refused line fetches nothing.
+# (POSIX sh has no local variables: the function's own start with fs_.)
+fetch_set() {
+    fs_side=$1 fs_web=$2 fs_hash=$3 fs_dir=$4 fs_kinds=$5
+    fs_what=${fs_side}description
+    fetch "$fs_web/descriptions/$fs_hash" "$fs_dir/description" \
+        || die "cannot fetch the $fs_what from $fs_web/descriptions/$fs_hash (with $fetcher)"
+    got=$(hash_of sha256 "$fs_dir/description")
+    [ "$got" = "$fs_hash" ] || die "$fs_what: sha256 mismatch: expected $fs_hash, got $got"
 
-# The description is now trusted; the checks below only keep a factory's mistake from turning
-# into a path outside the glide directory.
-: > "$glide_dir/files.list"
-line_no=0
-while IFS= read -r line <&3; do
-    line_no=$((line_no + 1))
-    if [ "$line_no" -eq 1 ]; then
-        [ "$line" = "# gwms glidein description 1" ] || die "description: line 1 is not '# gwms glidein description 1'"
-        continue
-    fi
-    set -f
-    # shellcheck disable=SC2086  # splitting the line into its three fields is the point
-    set -- $line
-    set +f
-    [ $# -eq 3 ] || die "description: line $line_no is not '<algo>:<hexdigest> <kind> <name>'"
-    spec=$1 kind=$2 fname=$3
-    algo=${spec%%:*} digest=${spec#*:}
-    case $algo in sha256|sha1) ;; *) die "description: line $line_no: unknown hash algorithm '$algo'" ;; esac
-    case $digest in ''|*[!0-9a-f]*) die "description: line $line_no: bad digest '$digest'" ;; esac
-    case $fname in ''|.*|*[!A-Za-z0-9._+-]*) die "description: line $line_no: bad file name '$fname'" ;; esac
-    case $kind in
-        wheel) dest=$glide_dir/wheels/$fname ;;
-        validate|ca|attrs|file) dest=$glide_dir/files/$fname ;;
-        *) die "description: line $line_no: unknown kind '$kind'" ;;
-    esac
-    fetch "$web/files/$digest/$fname" "$dest" \
-        || die "cannot fetch $fname from $web/files/$digest/$fname (with $fetcher)"
-    got=$(hash_of "$algo" "$dest")
-    [ "$got" = "$digest" ] || die "$fname: $algo mismatch: expected $digest, got $got"
-    if [ "$kind" = ca ]; then
-        printf 'GLIDEIN_CA_File=%s\n' "$dest" >> "$config"
-    fi
-    printf '%s %s\n' "$kind" "$fname" >> "$glide_dir/files.list"
-done 3< "$glide_dir/description"
-say "fetched and checked $((line_no - 1)) file(s) from $web (with $fetcher)"
+    # The description is now trusted; the checks below only keep its author's mistake from
+    # turning into a path outside the glide directory, and a frontend within its kinds.
+    : > "$fs_dir/files.plan"
+    line_no=0
+    while IFS= read -r line <&3; do
+        line_no=$((line_no + 1))
+        if [ "$line_no" -eq 1 ]; then
+            [ "$line" = "# gwms glidein description 1" ] || die "$fs_what: line 1 is not '# gwms glidein description 1'"
+            continue
+        fi
+        set -f
+        # shellcheck disable=SC2086  # splitting the line into its three fields is the point
+        set -- $line
+        set +f
+        [ $# -eq 3 ] || die "$fs_what: line $line_no is not '<algo>:<hexdigest> <kind> <name>'"
+        spec=$1 kind=$2 fname=$3
+        algo=${spec%%:*} digest=${spec#*:}
+        case $algo in sha256|sha1) ;; *) die "$fs_what: line $line_no: unknown hash algorithm '$algo'" ;; esac
+        case $digest in ''|*[!0-9a-f]*) die "$fs_what: line $line_no: bad digest '$digest'" ;; esac
+        case $fname in ''|.*|*[!A-Za-z0-9._+-]*) die "$fs_what: line $line_no: bad file name '$fname'" ;; esac
+        case $kind in
+            validate|wheel|ca|attrs|file) ;;
+            *) die "$fs_what: line $line_no: unknown kind '$kind'" ;;
+        esac
+        # (Only the frontend's set is restricted, hence the wording.)
+        case " $fs_kinds " in
+            *" $kind "*) ;;
+            *) die "$fs_what: line $line_no: $kind $fname refused: a frontend may send only" \
+                   "validate scripts and files; the trust anchors (ca), the Python (wheel) and the" \
+                   "entry's attributes (attrs) are the factory's alone" ;;
+        esac
+        printf '%s %s %s %s\n' "$algo" "$digest" "$kind" "$fname" >> "$fs_dir/files.plan"
+    done 3< "$fs_dir/description"
+
+    : > "$fs_dir/files.list"
+    fs_count=0
+    while read -r algo digest kind fname <&3; do
+        case $kind in
+            wheel) dest=$fs_dir/wheels/$fname ;;
+            *) dest=$fs_dir/files/$fname ;;
+        esac
+        if [ -n "$fs_side" ]; then fs_label="${fs_side}file $fname"; else fs_label=$fname; fi
+        # Two lines of one name: the second would replace a file already checked.
+        [ ! -e "$dest" ] || die "$fs_what: $fname is listed twice"
+        fetch "$fs_web/files/$digest/$fname" "$dest" \
+            || die "cannot fetch $fs_label from $fs_web/files/$digest/$fname (with $fetcher)"
+        got=$(hash_of "$algo" "$dest")
+        [ "$got" = "$digest" ] || die "$fs_label: $algo mismatch: expected $digest, got $got"
+        if [ "$kind" = ca ]; then
+            printf 'GLIDEIN_CA_File=%s\n' "$dest" >> "$config"
+        fi
+        printf '%s %s\n' "$kind" "$fname" >> "$fs_dir/files.list"
+        fs_count=$((fs_count + 1))
+    done 3< "$fs_dir/files.plan"
+    say "fetched and checked $fs_count ${fs_side}file(s) from $fs_web (with $fetcher)"
+}
+
+fetch_set '' "$web" "$descript" "$glide_dir" "validate wheel ca attrs file"
+# The frontend's set only once the factory's is all there and checked.
+if [ -n "$client_web" ]; then
+    fetch_set 'frontend ' "$client_web" "$client_descript" "$glide_dir/client" "validate file"
+fi
 
 # ---------------------------------------------------------------------------------------------
 # c. Entry attributes
 
 # KEY=VALUE lines on stdin go to glidein_config; anything else is ignored. The settings that
-# decide whom the startd trusts and where it reports come from the command line only.
+# decide whom the startd trusts and where it reports (and the record of which frontend files
+# ran) come from the command line only.
 append_settings() {  # WHAT
     while IFS= read -r setting || [ -n "$setting" ]; do
         key=${setting%%=*}
         [ "$key" != "$setting" ] || continue
         case $key in
             ''|[0-9]*|*[!A-Za-z0-9_]*) continue ;;
-            GLIDEIN_Trusted|GLIDEIN_Credential|GLIDEIN_CA_File|GLIDEIN_Collector|GLIDEIN_Dir)
+            GLIDEIN_Trusted|GLIDEIN_Credential|GLIDEIN_CA_File|GLIDEIN_Collector|GLIDEIN_Dir|\
+            GLIDEIN_Client_Web|GLIDEIN_Client_Description)
                 printf 'gwms glidein: %s may not set %s: ignored\n' "$1" "$key" >&2
                 continue ;;
         esac
@@ -340,18 +418,30 @@ fail_validation() {
     exit 1
 }
 
-while read -r kind fname <&3; do
-    [ "$kind" = validate ] || continue
-    sh "$glide_dir/files/$fname" "$config" < /dev/null > "$glide_dir/validate.out" 2> "$glide_dir/validate.err"
-    rc=$?
-    cat "$glide_dir/validate.err" >&2
-    if [ "$rc" -ne 0 ]; then
-        last=$(sed '/^[[:space:]]*$/d' "$glide_dir/validate.err" | tail -n 1)
-        fail_validation "validation $fname failed: ${last:-exit status $rc}"
-    fi
-    append_settings "validation $fname" < "$glide_dir/validate.out"
-    say "validation $fname passed"
-done 3< "$glide_dir/files.list"
+# run_validations SIDE DIR: the validate scripts of DIR/files.list (in DIR/files), in order. Their
+# KEY=VALUE stdout lines go to glidein_config; the first failure ends the glidein.
+run_validations() {
+    rv_side=$1 rv_dir=$2
+    while read -r kind fname <&3; do
+        [ "$kind" = validate ] || continue
+        sh "$rv_dir/files/$fname" "$config" < /dev/null > "$glide_dir/validate.out" 2> "$glide_dir/validate.err" 3<&-
+        rc=$?
+        cat "$glide_dir/validate.err" >&2
+        if [ "$rc" -ne 0 ]; then
+            last=$(sed '/^[[:space:]]*$/d' "$glide_dir/validate.err" | tail -n 1)
+            fail_validation "${rv_side}validation $fname failed: ${last:-exit status $rc}"
+        fi
+        append_settings "${rv_side}validation $fname" < "$glide_dir/validate.out"
+        say "${rv_side}validation $fname passed"
+    done 3< "$rv_dir/files.list"
+}
+
+run_validations '' "$glide_dir"
+# The frontend's after the factory's (the stock ones and the site's): they see everything the
+# factory's measured in glidein_config, and cannot stop a factory check from running.
+if [ -n "$client_web" ]; then
+    run_validations 'frontend ' "$glide_dir/client"
+fi
 
 # ---------------------------------------------------------------------------------------------
 # f. The startd

@@ -33,6 +33,7 @@ from gwms.config import ConfigError, parse_config
 
 __all__ = [
     "HIDDEN",
+    "STRINGS",
     "GlideinConfig",
     "GlideinConfigError",
     "classad_literal",
@@ -49,6 +50,9 @@ __all__ = [
 HIDDEN = frozenset({"GLIDEIN_Trusted", "GLIDEIN_Credential", "GLIDEIN_Dir", "GLIDEIN_CA_File"})
 #: The one key that may appear many times: one line per trusted identity, in order.
 TRUSTED = "GLIDEIN_Trusted"
+#: glidein_config keys that are always ClassAd strings, whatever they look like: a hex hash can
+#: look like a number ("1e5..." is a real), and matching on it must not depend on its luck.
+STRINGS = frozenset({"GLIDEIN_Client_Web", "GLIDEIN_Client_Description"})
 DEFAULT_MAX_IDLE = 1200
 DEFAULT_CREDENTIAL_MARGIN = 300
 DEFAULT_LISTEN = "127.0.0.1"
@@ -117,6 +121,13 @@ def classad_literal(value: str) -> str:
         return value
     if value.lower() in ("true", "false"):
         return value.lower()
+    try:
+        return classads.quote(value)
+    except classads.ClassAdError as e:
+        raise GlideinConfigError(str(e)) from None
+
+
+def _classad_string(value: str) -> str:
     try:
         return classads.quote(value)
     except classads.ClassAdError as e:
@@ -257,8 +268,8 @@ def startd_config_text(config: GlideinConfig, now: float | None = None) -> str:
     # At least one second: 0 would mean "never" to the startd, the opposite of "retire now".
     retire_after = max(1, to_retire - int(now))
 
-    attributes = {key: classad_literal(value) for key, value in v.items()
-                  if key.startswith("GLIDEIN_") and key not in HIDDEN}
+    attributes = {key: _classad_string(value) if key in STRINGS else classad_literal(value)
+                  for key, value in v.items() if key.startswith("GLIDEIN_") and key not in HIDDEN}
     attributes["GLIDEIN_ToRetire"] = str(int(now) + retire_after)
     attributes["GLIDEIN_ToDie"] = str(to_die)
     for key, text in attributes.items():

@@ -67,10 +67,7 @@ class WebServer:
         self.url = f"http://127.0.0.1:{port}"
 
 
-@pytest.fixture(scope="module")
-def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebServer]:
-    """The factory's web server over one store (content-addressed, so tests can share it)."""
-    store = tmp_path_factory.mktemp("store")
+def serve(store: Path) -> Iterator[WebServer]:
     process = subprocess.Popen([sys.executable, "-c", SERVER, str(store)], stdout=subprocess.PIPE,
                                stdin=subprocess.DEVNULL, text=True, env=clean_env())
     assert process.stdout is not None
@@ -81,6 +78,18 @@ def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebServer]:
     yield WebServer(store, process, int(line))
     process.terminate()
     process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebServer]:
+    """The factory's web server over one store (content-addressed, so tests can share it)."""
+    yield from serve(tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture(scope="module")
+def frontend_web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebServer]:
+    """A frontend's own web server over its own store (-client_web, -client_descript)."""
+    yield from serve(tmp_path_factory.mktemp("frontend-store"))
 
 
 #: A web server that does not exist: only through the proxy do its URLs lead anywhere.
@@ -555,3 +564,150 @@ def test_term_during_the_failure_back_off_stops_the_glidein_at_once(web: WebServ
     assert err.endswith("gwms glidein: TERM received before the startd started: stopping\n")
     assert wait_until(lambda: process_group_gone(process.pid), 10, "the back-off's sleep to go too")
     assert glide_dirs(workdir) == []
+
+
+# ------------------------------------------------------------------------------------------
+# (vi) the frontend's own validation scripts (-client_web, -client_descript)
+
+
+def frontend_args(web: WebServer, descript: str, frontend: WebServer, client_descript: str, credential: Path,
+                  **options: str) -> list[str]:
+    return glidein_args(web.url, descript, credential, client_web=frontend.url + "/",
+                        client_descript=client_descript, **options)
+
+
+def test_client_options_go_together_and_are_checked(tmp_path: Path, credential: Path) -> None:
+    args = glidein_args("http://127.0.0.1:9", "0" * 64, credential)
+    for extra, message in [
+        (["-client_web", "http://127.0.0.1:9"],
+         "missing option -client_descript (-client_web and -client_descript go together)"),
+        (["-client_descript", "1" * 64], "missing option -client_web (-client_web and -client_descript go together)"),
+        (["-client_web", "http://127.0.0.1:9", "-client_descript", "A" * 64],
+         f"-client_descript must be a SHA-256 in lowercase hex, got '{'A' * 64}'"),
+        (["-client_web", "http://127.0.0.1:9", "-client_descript", "1" * 63],
+         f"-client_descript must be a SHA-256 in lowercase hex (64 digits), got '{'1' * 63}'"),
+        (["-client_web", "-K/etc/passwd", "-client_descript", "1" * 64],
+         "-client_web must be an http:// or https:// URL, got '-K/etc/passwd'"),
+    ]:
+        done = run_glidein([*args, *extra], tmp_path)
+        assert (done.returncode, done.stderr.splitlines()[0]) == (2, f"gwms glidein: {message}"), extra
+        assert "usage: glidein_startup.sh" in done.stderr
+    assert glide_dirs(tmp_path) == []
+
+
+def test_a_frontend_script_runs_after_the_factorys_and_its_attributes_reach_the_slot_ad(
+        web: WebServer, frontend_web: WebServer, creds: Any, credential: Path, collector: tuple[Any, Path],
+        tmp_path: Path, gwms_cli: Any) -> None:
+    daemon, client_config = collector
+    descript = publish_entry(web.store, creds)
+    # The frontend's script runs after the stock ones (it sees what 30-python.sh measured), reads
+    # its own file, named like the factory's attrs file without replacing it, and cannot forge
+    # the record of which frontend files ran.
+    vo_check = b'''config=$1
+grep -q '^GLIDEIN_Python_Version=' "$config" || { echo "the factory's scripts have not run" >&2; exit 1; }
+cat "$(dirname "$config")/client/files/entry.attrs"
+echo "GLIDEIN_VO_Check=passed"
+echo "GLIDEIN_Client_Web=http://forged.invalid"
+'''
+    client_descript = publish(frontend_web.store, [("file", "entry.attrs", b"GLIDEIN_VO_Software=cvmfs-ok\n"),
+                                                   ("validate", "vo-check.sh", vo_check)])
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    name = unique("voglidein")
+    process = start_glidein(frontend_args(web, descript, frontend_web, client_descript, credential, name=name,
+                                          collectors=daemon.address), workdir, clean_env())
+    try:
+        ads = wait_until(lambda: process.poll() is None and slot_ads(gwms_cli, client_config, name)
+                         or process.poll() is not None, 60, "the glidein's slot ad in the collector")
+        assert process.poll() is None, process.communicate()
+    except BaseException:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    (ad,) = ads
+    assert ad["GLIDEIN_VO_Check"] == "passed"
+    assert ad["GLIDEIN_VO_Software"] == "cvmfs-ok"
+    assert ad["GLIDEIN_Site"] == 'Test Site "A"'  # the factory's entry.attrs, not the frontend's
+    assert ad["GLIDEIN_Client_Web"] == frontend_web.url
+    assert ad["GLIDEIN_Client_Description"] == client_descript
+
+    status, out, err = stop_glidein(process)
+
+    assert status == 0, out + err
+    assert out.index("validation 30-python.sh passed") < out.index("frontend validation vo-check.sh passed")
+    assert f"fetched and checked 2 frontend file(s) from {frontend_web.url}" in out
+    assert "gwms glidein: frontend validation vo-check.sh may not set GLIDEIN_Client_Web: ignored\n" in err
+    assert wait_until(lambda: process_group_gone(process.pid), 10, "every process of the glidein to exit")
+    assert glide_dirs(workdir) == []
+
+
+def test_a_tampered_frontend_file_or_description_stops_the_glidein(web: WebServer, frontend_web: WebServer,
+                                                                   credential: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "factory-validation-ran"
+    descript = publish(web.store, [("validate", "mark.sh", f"touch '{marker}'\n".encode())])
+    content = f"the real {unique('check')}\n".encode()
+    name = unique("check") + ".sh"
+    client_descript = publish(frontend_web.store, [("validate", name, content)])
+    digest = hashlib.sha256(content).hexdigest()
+    tampered = b"echo GLIDEIN_Owned=1\n"
+    (frontend_web.store / "files" / digest / name).write_bytes(tampered)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+
+    done = run_glidein(frontend_args(web, descript, frontend_web, client_descript, credential), workdir)
+
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == (f"gwms glidein: frontend file {name}: sha256 mismatch: expected {digest}, "
+                           f"got {hashlib.sha256(tampered).hexdigest()}\n")
+    assert "fetched and checked 1 file(s)" in done.stdout  # the factory's first
+    assert "started gwms-startd" not in done.stdout
+    assert not marker.exists()
+    assert glide_dirs(workdir) == []
+
+    # A description that is not the one whose hash came with the submission.
+    other = publish(frontend_web.store, [("file", unique("x"), b"x")])
+    forged = b"# gwms glidein description 1\n"
+    (frontend_web.store / "descriptions" / other).write_bytes(forged)
+    done = run_glidein(frontend_args(web, descript, frontend_web, other, credential), workdir)
+    assert done.returncode == 1
+    assert done.stderr == (f"gwms glidein: frontend description: sha256 mismatch: expected {other}, "
+                           f"got {hashlib.sha256(forged).hexdigest()}\n")
+    assert glide_dirs(workdir) == []
+
+
+@pytest.mark.parametrize("kind", ["ca", "wheel", "attrs"])
+def test_a_frontend_may_not_send_trust_anchors_python_or_entry_attributes(web: WebServer, frontend_web: WebServer,
+                                                                        credential: Path, tmp_path: Path,
+                                                                        kind: str) -> None:
+    marker = tmp_path / "factory-validation-ran"
+    descript = publish(web.store, [("validate", "mark.sh", f"touch '{marker}'\n".encode())])
+    # The validate script's file is removed from the store: the refusal comes from reading the
+    # description, before any of the frontend's files is fetched.
+    script = f"echo {unique('v')}\n".encode()
+    client_descript = publish(frontend_web.store, [("validate", "v.sh", script), (kind, "extra.pem", b"x\n")])
+    (frontend_web.store / "files" / hashlib.sha256(script).hexdigest() / "v.sh").unlink()
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+
+    done = run_glidein(frontend_args(web, descript, frontend_web, client_descript, credential), workdir)
+
+    assert done.returncode == 1
+    assert done.stderr == (f"gwms glidein: frontend description: line 3: {kind} extra.pem refused: a frontend "
+                           "may send only validate scripts and files; the trust anchors (ca), the Python (wheel) "
+                           "and the entry's attributes (attrs) are the factory's alone\n")
+    assert not marker.exists()
+    assert glide_dirs(workdir) == []
+
+
+def test_a_failing_frontend_validation_script_names_itself_as_the_frontends(web: WebServer, frontend_web: WebServer,
+                                                                           credential: Path, tmp_path: Path) -> None:
+    descript = publish(web.store, [("validate", "ok.sh", b"echo GLIDEIN_Factory_Check=1\n")])
+    client_descript = publish(frontend_web.store, [
+        ("validate", "vo-ok.sh", b"exit 0\n"),
+        ("validate", "vo-software.sh", b'echo "no VO software in /cvmfs" >&2\nexit 1\n')])
+
+    done = run_glidein(frontend_args(web, descript, frontend_web, client_descript, credential), tmp_path)
+
+    assert (done.returncode, done.stderr) == (
+        1, "no VO software in /cvmfs\ngwms glidein: frontend validation vo-software.sh failed: no VO software in /cvmfs\n")
+    assert done.stdout.index("validation ok.sh passed") < done.stdout.index("frontend validation vo-ok.sh passed")
+    assert glide_dirs(tmp_path) == []

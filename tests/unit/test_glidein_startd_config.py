@@ -208,6 +208,17 @@ def test_the_startd_configuration_has_pool_security_and_startd_sections(glide: P
     }
 
 
+def test_the_frontend_files_record_is_always_a_string_attribute(glide: Path, credential: Path) -> None:
+    # A SHA-256 of digits and one "e" would otherwise be read as a real (and a huge one).
+    numeric_looking = "1" * 30 + "e" + "2" * 33
+    attributes = render(base_config(glide, credential, GLIDEIN_Client_Web="http://frontend.example.org/vo",
+                                    GLIDEIN_Client_Description=numeric_looking,
+                                    GLIDEIN_Other=numeric_looking))["startd"]["attributes"]
+    assert attributes["GLIDEIN_Client_Web"] == '"http://frontend.example.org/vo"'
+    assert attributes["GLIDEIN_Client_Description"] == f'"{numeric_looking}"'
+    assert attributes["GLIDEIN_Other"] == numeric_looking  # other keys keep their literal typing
+
+
 def test_one_cpu_makes_a_static_slot_and_no_cpus_means_the_whole_machine(glide: Path, credential: Path) -> None:
     one = render(base_config(glide, credential, GLIDEIN_CPUS="1"))["startd"]
     assert (one["cpus"], one["partitionable"]) == (1, False)
