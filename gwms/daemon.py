@@ -54,12 +54,21 @@ def server_security(config: HostConfig) -> ServerSecurity:
     from gwms.tls import ServerTLS, TLSConfigError
 
     credential = host_credential(config)
+    pinned = None
+    if credential is None and config.pool["token"] is not None:
+        # A host with only a token (a glidein) still serves TLS: with a certificate of its own
+        # making, which clients know by the fingerprint it advertises (gwms.tls).
+        from gwms.tls import ephemeral_credential, fingerprint
+
+        credential = ephemeral_credential()
+        pinned = fingerprint(credential.cert)
     tls = None
     if credential is not None:
         try:
             tls = ServerTLS(credential, config.pool["ca"])
         except TLSConfigError as e:
             raise ConfigError(f"{config.source}: {e}") from None
+        tls.fingerprint = pinned
     methods, levels = load_auth_methods(config)
     return ServerSecurity(levels=levels, methods=methods,
                           authorizer=authorizer(config), auditor=Auditor(config.pool["audit_log"]), tls=tls)

@@ -96,6 +96,8 @@ class ServerTLS:
         self.without_client_cert = _base_context(SSL.TLS_SERVER_METHOD, None)
         _use_credential(self.without_client_cert, credential)
         self.without_client_cert.set_verify(SSL.VERIFY_NONE, _verify_callback)
+        # Set for a certificate the daemon made itself: clients must be told this to trust it.
+        self.fingerprint: str | None = None
 
     def creator(self, client_certificate: bool) -> "ServerCreator":
         return ServerCreator(self.with_client_cert if client_certificate else self.without_client_cert)
@@ -123,18 +125,34 @@ class ClientTLS:
         self._plain = _base_context(SSL.TLS_CLIENT_METHOD, ca_file)
         self._plain.set_verify(SSL.VERIFY_PEER if ca_file else SSL.VERIFY_NONE, _verify_callback)
         self._with_cert = None
+        self._pinned: dict[bool, SSL.Context] | None = None
         if credential is not None:
             self._with_cert = _base_context(SSL.TLS_CLIENT_METHOD, ca_file)
             self._with_cert.set_verify(SSL.VERIFY_PEER if ca_file else SSL.VERIFY_NONE,
                                        _verify_callback)
             _use_credential(self._with_cert, credential)
 
-    def creator(self, hostname: str, present_certificate: bool) -> "ClientCreator":
+    def creator(self, hostname: str, present_certificate: bool, pinned: bool = False) -> "ClientCreator":
+        """``pinned``: the server is known by the SHA-256 of its certificate (checked after the
+        handshake, see ``fingerprint``), not by the CA and its name: a glidein's startd that
+        holds only a token serves TLS with a certificate of its own making, whose fingerprint
+        it advertised over an authenticated channel."""
+        if present_certificate and self._with_cert is None:
+            raise TLSConfigError("no certificate or proxy is configured to present")
+        if pinned:
+            if self._pinned is None:
+                self._pinned = {}
+            ctx = self._pinned.get(present_certificate)
+            if ctx is None:
+                ctx = self._pinned[present_certificate] = _base_context(SSL.TLS_CLIENT_METHOD, None)
+                ctx.set_verify(SSL.VERIFY_NONE, _verify_callback)
+                if present_certificate:
+                    assert self.credential is not None
+                    _use_credential(ctx, self.credential)
+            return ClientCreator(ctx, hostname)
         if self.ca_file is None:
             raise TLSConfigError("no CA certificates are configured to check the server with "
                                  "(set [pool] ca, or GWMS_CA_FILE)")
-        if present_certificate and self._with_cert is None:
-            raise TLSConfigError("no certificate or proxy is configured to present")
         return ClientCreator(self._with_cert if present_certificate else self._plain, hostname)
 
 
@@ -151,6 +169,34 @@ class ClientCreator:
             conn.set_tlsext_host_name(self.hostname.encode("idna"))
         conn.set_connect_state()
         return conn
+
+
+def fingerprint(certificate: Any) -> str:
+    """The SHA-256 of a certificate's DER, in hex: what a pinned server is known by."""
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(certificate.public_bytes(serialization.Encoding.DER))
+    return digest.finalize().hex()
+
+
+def ephemeral_credential(name: str = "gwms ephemeral server") -> Credential:
+    """A key and a self-signed certificate made now, for a daemon that serves TLS but holds no
+    certificate (a glidein with only a token): clients know it by its fingerprint."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=30)).sign(key, hashes.SHA256()))
+    return Credential(cert=cert, key=key, chain=())
 
 
 def _is_ip(host: str) -> bool:
@@ -175,4 +221,4 @@ def verified_chain(tls_connection: SSL.Connection) -> Sequence[Any] | None:
 
 
 __all__ = ["ServerTLS", "ClientTLS", "TLSConfigError", "verify_server_name", "verified_chain",
-           "VerificationError"]
+           "VerificationError", "fingerprint", "ephemeral_credential"]

@@ -32,6 +32,7 @@ class Address:
     host: str = ""
     port: int = 0
     path: str | None = None
+    pin: str | None = None  # the server's certificate SHA-256, for a daemon known by it (gwms.tls)
 
     @classmethod
     def parse(cls, text: str) -> "Address":
@@ -69,12 +70,12 @@ class ClientSecurity:
         return [m for m in self.levels[level].methods
                 if m in self.methods and self.methods[m].client_can_use(self.credentials, local)]
 
-    def tls_creator(self, hostname: str, present_certificate: bool) -> Any:
+    def tls_creator(self, hostname: str, present_certificate: bool, pinned: bool = False) -> Any:
         from gwms.tls import ClientTLS
 
         if self._tls is None:
             self._tls = ClientTLS(self.ca_file, self.credentials.x509)
-        return self._tls.creator(hostname, present_certificate)
+        return self._tls.creator(hostname, present_certificate, pinned)
 
     def proof(self, method: str) -> Mapping[str, Any]:
         return self.methods[method].client_proof(self.credentials)
@@ -133,7 +134,8 @@ def connect(reactor: Any, address: Address, level: str, security: ClientSecurity
     else:
         endpoint = HostnameEndpoint(reactor, address.host, address.port, timeout=connect_timeout)
         hostname = address.host
-    proto = ClientProtocol(reactor, limits, security, level, hostname, setup_timeout=2 * connect_timeout)
+    proto = ClientProtocol(reactor, limits, security, level, hostname, setup_timeout=2 * connect_timeout,
+                           pin=address.pin)
 
     def connected(p: ClientProtocol) -> defer.Deferred[ClientProtocol]:
         return p.ready

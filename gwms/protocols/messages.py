@@ -488,12 +488,13 @@ class ClientProtocol(_FramedProtocol):
     """The client's end: negotiates, authenticates, then sends requests and correlates replies."""
 
     def __init__(self, reactor: Any, limits: Limits, security: Any, level: str, hostname: str,
-                 setup_timeout: float | None = None) -> None:
+                 setup_timeout: float | None = None, pin: str | None = None) -> None:
         super().__init__(reactor, limits)
         self.setup_timeout = setup_timeout or limits.handshake_timeout
         self.security = security  # gwms.protocols.client.ClientSecurity
         self.level = level
         self.hostname = hostname
+        self.pin = pin  # the server's certificate SHA-256, when it is known by that (gwms.tls)
         self.ready: defer.Deferred[ClientProtocol] = defer.Deferred()
         self.identity: str | None = None
         self.encrypted = False
@@ -572,7 +573,8 @@ class ClientProtocol(_FramedProtocol):
             self.method = str(ad.get("Method", "")) or None
             if bool(ad.get("Encrypt", False)):
                 try:
-                    creator = self.security.tls_creator(self.hostname, self.method == "x509")
+                    creator = self.security.tls_creator(self.hostname, self.method == "x509",
+                                                        pinned=self.pin is not None)
                 except Exception as e:
                     self._fail_setup(str(e))
                     return self.close()
@@ -592,16 +594,21 @@ class ClientProtocol(_FramedProtocol):
             self.ready.callback(self)
 
     def _check_server_name(self) -> bool:
-        from gwms.tls import VerificationError, verify_server_name
+        from gwms.tls import VerificationError, fingerprint, verify_server_name
 
         handle = self.transport.getHandle()
         cert = handle.get_peer_certificate(as_cryptography=True) if isinstance(handle, SSL.Connection) else None
         try:
             if cert is None:
                 raise VerificationError(errors=["no server certificate"])
-            verify_server_name(cert, self.hostname)
+            if self.pin is not None:
+                if fingerprint(cert) != self.pin:
+                    raise VerificationError(errors=[f"its SHA-256 {fingerprint(cert)} is not the advertised {self.pin}"])
+            else:
+                verify_server_name(cert, self.hostname)
         except VerificationError as e:
-            self._fail_setup(f"server certificate does not match {self.hostname}: {e}")
+            what = "the advertised certificate" if self.pin is not None else self.hostname
+            self._fail_setup(f"server certificate does not match {what}: {e}")
             self.transport.abortConnection()
             return False
         return True
