@@ -191,7 +191,10 @@ FACTORY_KEYS: dict[str, Key] = {
                                     "then install them into a private environment instead of using the node's."),
     "ca": Key("path", None, "CA bundle the glideins trust (default: [pool] ca)."),
     "credential": Key("path", None, "Pilot credential given to glideins: PEM certificate and key, or a token "
-                                    "file (an entry may name its own)."),
+                                    "file (an entry may name its own; default: the proxy X509_USER_PROXY names)."),
+    "token_signing_key": Key("path", None, "The pool's token signing key, for entries with pilot_token: each "
+                                           "glidein gets a token of its own."),
+    "token_issuer": Key("str", None, "The issuer of the glideins' tokens (default: the pool's name)."),
 }
 
 # [factory.entry.NAME]: one per Grid CE or batch queue.
@@ -214,6 +217,9 @@ ENTRY_KEYS: dict[str, Key] = {
     "failure_backoff": Key("float", 300.0, "Seconds a glidein that failed validation holds its batch slot before "
                                            "exiting, so that a broken node does not take the next one."),
     "credential": Key("path", None, "This entry's pilot credential (default: [factory] credential)."),
+    "pilot_token": Key("bool", False, "Give each glidein a token of its own instead of a credential: pool-signed, "
+                                      "for ADVERTISE_STARTD only, subject glidein-<id>@<factory>, for the glidein's "
+                                      "lifetime (needs [factory] token_signing_key)."),
     "python": Key("str", None, "The node's Python for the startd (default: python3 on the PATH)."),
     "worker_listen": Key("str", "127.0.0.1", "Address the glideins' startds listen on."),
 }

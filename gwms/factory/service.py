@@ -37,7 +37,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from gwms import classads
-from gwms.config import HostConfig
+from gwms.config import ConfigError, HostConfig
 from gwms.factory.grid import FINISHED, HELD, QUEUED, RUNNING, GlideinSubmission, GridStatus
 from gwms.factory.records import IDLE_STATES, REMOVING, Glidein, GlideinRecords
 from gwms.protocols.client import CollectorList, query_ads
@@ -152,7 +152,12 @@ class Factory:
         self.auditor = auditor
         self.entries = {name: Entry(name, {**entry, "name": name}, bucket=RateBudget(entry["submit_rate"]))
                         for name, entry in sorted(settings["entry"].items())}
-        self._refused: set[tuple[str, str, str]] = set()  # (identity, entry, client) audited already
+        self._refused: set[tuple[str, str, str, str]] = set()  # (identity, entry, client, why) audited already
+        self._signing_key: bytes | None = None
+        for name, entry in settings["entry"].items():
+            if entry["pilot_token"] and settings["token_signing_key"] is None:
+                raise ConfigError(f"{config.source}: [factory.entry.{name}] pilot_token needs [factory] "
+                                  "token_signing_key")
         self.cycles = 0
 
     # -- one cycle -----------------------------------------------------------------------------
@@ -271,6 +276,8 @@ class Factory:
         if finished:
             yield plugin.forget(entry.settings, [g.grid_id for g in finished])
         self.records.forget(done)
+        for glidein_id in done:  # a finished glidein's token is no use to anyone
+            (Path(self.settings["work_dir"]) / "tokens" / f"{glidein_id}.token").unlink(missing_ok=True)
 
     # -- submitting and removing ---------------------------------------------------------------
     def counts(self, glideins: list[Glidein]) -> dict[str, int]:
@@ -373,7 +380,7 @@ class Factory:
             self.records.add(new)  # durable before the grid sees them
             credential = self.pilot_credential(entry, request)
             submissions = [GlideinSubmission(g.glidein_id, self.glidein_arguments(entry, request, g.glidein_id),
-                                             credential) for g in new]
+                                             self.glidein_token(entry, g.glidein_id) or credential) for g in new]
             try:
                 accepted: dict[str, str] = yield plugin.submit(entry.settings, submissions)
             except Exception as e:
@@ -387,6 +394,26 @@ class Factory:
                 entry.frontend_buckets[request.identity].spend(len(new))
             log.info("factory: submitted {n} glideins to {entry} for {client}", n=len(accepted), entry=entry.name,
                      client=client)
+
+    def glidein_token(self, entry: Entry, glidein_id: str) -> Path | None:
+        """For an entry with pilot_token: a token for this glidein alone (mode 0600 file), signed
+        with the pool's key, scoped to advertising a startd, valid for the glidein's lifetime
+        (plus a margin for its queue time); the collector accepts nothing else from it."""
+        if not entry.settings["pilot_token"]:
+            return None
+        from gwms.credentials.tokens import create_token, load_signing_key
+        from gwms.credentials.x509 import write_private_file
+
+        if self._signing_key is None:
+            self._signing_key = load_signing_key(self.settings["token_signing_key"])
+        token = create_token(self._signing_key, f"glidein-{glidein_id}@{self.name}",
+                             self.settings["token_issuer"] or self.config.pool["name"], ["ADVERTISE_STARTD"],
+                             float(entry.settings["max_walltime"]) + float(self.settings["stale_after"]),
+                             now=self.reactor.seconds())
+        path = Path(self.settings["work_dir"]) / "tokens" / f"{glidein_id}.token"
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_private_file(path, token.encode("ascii") + b"\n")
+        return path
 
     def pilot_credential(self, entry: Entry, request: Request) -> Path | None:
         """The credential a glidein gets: the one its frontend handed over, else the entry's,

@@ -35,6 +35,7 @@ allow = ["frontend1", "frontend2", "mallory"]
 [factory]
 name = "f1"
 work_dir = "{work}"
+token_signing_key = "{work}/../pool.key"
 cycle_interval = 10
 stale_after = 3600
 [factory.entry.A]
@@ -52,6 +53,11 @@ attributes = {{GLIDEIN_Site = "SiteB"}}
 allowed_frontends = ["frontend1"]
 submit_rate = 60
 enabled = {enabled_b}
+[factory.entry.D]
+grid = "fake"
+allowed_frontends = ["frontend1"]
+pilot_token = true
+max_walltime = 7200
 [factory.entry.C]
 grid = "fake"
 allowed_frontends = ["frontend1"]
@@ -65,6 +71,10 @@ class Env:
         self.tmp_path = tmp_path
         self.clock = MemoryReactorClock()
         self.clock.advance(1_700_000_000)
+        from gwms.credentials.tokens import generate_signing_key
+
+        (tmp_path / "factory").mkdir(exist_ok=True)
+        generate_signing_key(tmp_path / "pool.key")
         self.config = parse_config(CONFIG.format(work=tmp_path / "factory", enabled_b=str(enabled_b).lower()),
                                    "<test>", base=tmp_path)
         self.net = MemoryNetwork(self.clock)
@@ -157,7 +167,7 @@ def test_the_factory_keeps_the_requested_idle_glideins_and_advertises_its_entrie
     env.cycle()  # 3 started: 3 more to keep 5 idle
     assert env.states() == {QUEUED: 5, RUNNING: 3}
     entries = {ad["EntryName"]: ad for ad in env.ads("glidefactory")}
-    assert sorted(entries) == ["A", "B", "C"]
+    assert sorted(entries) == ["A", "B", "C", "D"]
     assert entries["A"]["GLIDEIN_Site"] == "SiteA" and entries["A"]["GLIDEIN_CPUS"] == 2
     assert entries["A"]["PubKeyValue"].startswith("-----BEGIN PUBLIC KEY-----")
     assert entries["A"]["AuthenticatedIdentity"] == "factory"
@@ -322,3 +332,34 @@ def test_without_a_frontend_credential_glideins_get_the_factorys_or_x509_user_pr
     env.cycle()
     [credential] = {g.credential for g in env.grid.submissions.values()}
     assert credential == tmp_path / "x509up_u0"
+
+
+def test_with_pilot_token_each_glidein_gets_its_own_token_for_advertising_a_startd_only(env):
+    from gwms.credentials.tokens import load_signing_key, verify_token
+
+    env.request("frontend1", "D", idle=2)
+    env.cycle()
+    tokens = sorted({g.credential for g in env.grid.submissions.values()})
+    assert len(tokens) == 2 and all(oct(t.stat().st_mode & 0o777) == "0o600" for t in tokens)
+    key = load_signing_key(env.tmp_path / "pool.key")
+    ids = {g.glidein_id for g in env.records.of_entry("D")}
+    for token in tokens:
+        claims = verify_token(token.read_text().strip(), {"POOL": key}, "gwms", now=env.clock.seconds())
+        assert claims.scopes == frozenset({"ADVERTISE_STARTD"})
+        assert claims.subject in {f"glidein-{i}@f1" for i in ids}
+        assert claims.expires_at - claims.issued_at == 7200 + 3600  # its lifetime, plus its queue time
+    for grid_id in env.grid.in_state(QUEUED):
+        env.grid.finish(grid_id)
+    env.request("frontend1", "D", idle=0)
+    env.cycle()
+    assert not any(t.exists() for t in tokens)  # forgotten with their glideins
+
+
+def test_pilot_token_needs_the_pools_signing_key(tmp_path):
+    from gwms.config import ConfigError
+
+    text = CONFIG.format(work=tmp_path / "f", enabled_b="true")
+    broken = parse_config(text.replace(f'token_signing_key = "{tmp_path / "f"}/../pool.key"\n', ""), "<test>")
+    with pytest.raises(ConfigError) as e:
+        Factory(MemoryReactorClock(), broken, GlideinRecords(tmp_path / "r.db"), {}, None, "http://x/", "K")
+    assert "[factory.entry.D] pilot_token needs [factory] token_signing_key" in str(e.value)
