@@ -145,6 +145,7 @@ STARTD_KEYS: dict[str, Key] = {
                                                 "startd's user (dangerous: each can read and kill the others' jobs)."),
     "grid_mapfile": Key("path", None, "'\"DN\" account' and 'user account' lines mapping a job's proxy DN or Owner to a "
                                       "local account (setuid and the stock glexec helper)."),
+    "min_job_uid": Key("int", 1000, "The lowest uid setuid and glexec run jobs as (system accounts are below)."),
     "glexec_command": Key("strlist", [], "The glexec plugin's helper command (default: gwms's stock helper, which "
                                          "maps with the grid-mapfile and switches with setpriv or runuser)."),
     "pilot_credential": Key("path", None, "The glidein's own credential (its proxy or token), which jobs must not "

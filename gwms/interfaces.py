@@ -50,12 +50,17 @@ class IAuthorizer(Interface):
 class IIdentitySwitch(Interface):
     """Decides under which UNIX identity a job's processes run (the seed's gLExec role).
 
-    The stock ``none`` plugin runs jobs as the startd's own user; the credentials issue adds
-    ``setuid`` and ``glexec``. A switch starts no process itself: the startd's launcher (one
+    Stock plugins (``gwms.plugins.identity``): ``none`` runs jobs as the startd's own user;
+    ``setuid`` (a root startd) as the local account the job maps to; ``glexec`` behind a helper
+    in the gLExec role. A switch starts no process itself: the startd's launcher (one
     small long-lived process per startd, ``gwms.startd.launcher``) starts every job under a
     wrapper of its own (the leader of the job's session, its subreaper) that the starter
     tracks, kills and accounts for, and applies in the job's process what ``launch`` returned:
-    a switch cannot take a job out of the starter's sight."""
+    a switch cannot take a job out of the starter's sight.
+
+    Optionally a switch has ``check_job(job)``, which the startd calls at claim and activation
+    and which raises ``gwms.plugins.identity.IdentityError`` (why) for a job it will not run
+    (``prepare_sandbox`` may raise it too); the startd answers ``IDENTITY_REFUSED``."""
 
     name = Attribute("The name written in configuration, e.g. 'none'.")
 

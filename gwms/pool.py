@@ -33,8 +33,8 @@ PILOT_DN = "/O=gwms/OU=Pilots/CN=glidein"
 
 def ensure_credentials(directory: Path) -> dict[str, Path]:
     """The one-host pool's credentials in ``directory``, made the first time: the CA, the host
-    certificate and key (localhost), and the pilot credential (certificate and key in one file,
-    mode 0600, as glideins take it)."""
+    certificate and key (localhost), the pilot credential (certificate and key in one file,
+    mode 0600, as glideins take it) and the pool's token signing key (for glideins with tokens)."""
     from gwms.credentials.ca import CA_CERT, init_ca, issue_host, issue_pilot
 
     directory = Path(directory)
@@ -50,7 +50,13 @@ def ensure_credentials(directory: Path) -> dict[str, Path]:
         with os.fdopen(fd, "wb") as out:
             out.write(cert.read_bytes() + key.read_bytes())
         pilot.with_suffix(".tmp").replace(pilot)
-    return {"ca": directory / CA_CERT, "cert": host_cert, "key": host_key, "pilot": pilot}
+    signing_key = directory / "pool-signing.key"
+    if not signing_key.exists():
+        from gwms.credentials.tokens import generate_signing_key
+
+        generate_signing_key(signing_key)
+    return {"ca": directory / CA_CERT, "cert": host_cert, "key": host_key, "pilot": pilot,
+            "signing_key": signing_key}
 
 
 def _with(config: HostConfig, section: str, **values: Any) -> HostConfig:
@@ -69,9 +75,13 @@ class PoolService(service.MultiService):
         if config.pool["ca"] is None:
             creds = ensure_credentials(onehost["credentials"])
             config = dataclasses.replace(config, pool={**config.pool, "ca": creds["ca"], "cert": creds["cert"],
-                                                       "key": creds["key"]})
+                                                       "key": creds["key"],
+                                                       "token_signing_key": config.pool["token_signing_key"]
+                                                       or creds["signing_key"]})
             if config.section("factory")["credential"] is None:
                 config = _with(config, "factory", credential=creds["pilot"])
+            if config.section("factory")["token_signing_key"] is None:
+                config = _with(config, "factory", token_signing_key=config.pool["token_signing_key"])
         self.config = config
         self.collector = CollectorService(reactor, config)
         self.collector.setServiceParent(self)

@@ -324,6 +324,8 @@ SUPPORTED_COMMANDS: Final = frozenset(
         "periodic_remove",
         "universe",
         "x509userproxy",
+        "delegate_job_gsi_credentials_lifetime",
+        "delegate_limited_proxy",
         "getenv",
         "transfer_executable",
         "notification",
@@ -456,6 +458,12 @@ _OWN_ATTRIBUTES: Final = {
     "periodicremove": "periodic_remove",
     "jobuniverse": "universe",
     "x509userproxy": "x509userproxy",
+    # Read from the proxy file by the schedd, never taken from the submitter: an identity
+    # switch may map the job to an account by this DN.
+    "x509userproxysubject": None,
+    "x509userproxyexpiration": None,
+    "delegatejobgsicredentialslifetime": "delegate_job_gsi_credentials_lifetime",
+    "delegatelimitedproxy": "delegate_limited_proxy",
     "getenv": "getenv",
     "transferexecutable": "transfer_executable",
     "jobnotification": "notification",
@@ -628,6 +636,20 @@ def _b_proxy(ctx: _Context, proxy: str | None, initialdir: str | None) -> dict[s
     return {} if proxy is None else {"x509userproxy": _abs(_iwd(ctx, initialdir), proxy)}
 
 
+# The proxy the shadow delegates to the job (GSI delegation: the starter makes the key pair, the
+# shadow signs a new proxy with the user's):
+#   delegate_job_GSI_credentials_lifetime = SECONDS   HTCondor's: the delegated proxy's lifetime,
+#       at most the user's proxy's; 0 = the user's proxy's whole remaining lifetime. Without it,
+#       24 hours (HTCondor's DELEGATE_JOB_GSI_CREDENTIALS_LIFETIME default), not recorded.
+#   delegate_limited_proxy = true                     gwms's own (the seed notes Condor could not
+#       do this): the delegated proxy is a Globus limited proxy, which can authenticate but not
+#       start jobs. (A limited user proxy always yields a limited delegated one.)
+def _b_delegation_lifetime(ctx: _Context, value: str | None) -> dict[str, object]:
+    if value is None:
+        return {}
+    return {"DelegateJobGSICredentialsLifetime": _int_value("delegate_job_GSI_credentials_lifetime", value)}
+
+
 def _b_transfer(ctx: _Context, should: str | None, when: str | None) -> dict[str, object]:
     # HTCondor's current defaults: IF_NEEDED, ON_EXIT.
     stf = "IF_NEEDED" if should is None else _choice("should_transfer_files", should, ("YES", "NO", "IF_NEEDED"))
@@ -684,6 +706,9 @@ _BUILDERS: Final[list[tuple[tuple[str, ...], _Builder]]] = [
     (("initialdir",), _b_initialdir),
     (("log", "initialdir"), _b_log),
     (("x509userproxy", "initialdir"), _b_proxy),
+    (("delegate_job_gsi_credentials_lifetime",), _b_delegation_lifetime),
+    (("delegate_limited_proxy",), _simple("DelegateLimitedProxy", "delegate_limited_proxy",
+                                          lambda ctx, v: _boolean("delegate_limited_proxy", v))),
     (("transfer_input_files",), _simple("TransferInput", "transfer_input_files", lambda ctx, v: _file_list(v))),
     (("transfer_output_files",), _simple("TransferOutput", "transfer_output_files", lambda ctx, v: _file_list(v))),
     (("should_transfer_files", "when_to_transfer_output"), _b_transfer),

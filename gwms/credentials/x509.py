@@ -19,7 +19,7 @@ import os
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -44,6 +44,16 @@ __all__ = [
     "is_limited_proxy",
     "proxy_policy",
     "create_proxy",
+    "sign_delegation",
+    "make_delegation_request",
+    "new_delegation_key",
+    "read_delegation_request",
+    "accept_delegation",
+    "parse_certificates",
+    "credential_from_pem",
+    "credential_pem",
+    "certificates_pem",
+    "inspect_chain",
     "write_credential",
     "write_private_key",
     "write_certificates",
@@ -426,19 +436,33 @@ def load_credential(cert_path: str | os.PathLike[str],
         _, keys = _parse_pem(read_credential_file(key_path, "key"), key_path, password)
         if not keys:
             raise CredentialError(f"key file {os.fspath(key_path)} holds no private key")
+    return _assemble(certs, keys, os.fspath(cert_path), os.fspath(key_path or cert_path))
+
+
+def credential_from_pem(data: bytes, name: str, *, password: bytes | None = None,
+                        need_key: bool = False) -> Credential:
+    """:func:`load_credential` for PEM data read by someone else (a user's proxy file that
+    the schedd read with the user's rights); ``name`` stands for the file in messages."""
+    certs, keys = _parse_pem(data, name, password)
+    if need_key and not keys and certs:
+        raise CredentialError(f"{name} holds no private key")
+    return _assemble(certs, keys, name, name)
+
+
+def _assemble(certs: list[x509.Certificate], keys: list[PrivateKey], cert_name: str,
+              key_name: str) -> Credential:
     if not certs:
-        raise CredentialError(f"{os.fspath(cert_path)} holds no PEM certificate")
+        raise CredentialError(f"{cert_name} holds no PEM certificate")
     if len(keys) > 1:
-        raise CredentialError(f"{os.fspath(key_path or cert_path)} holds more than one private key")
+        raise CredentialError(f"{key_name} holds more than one private key")
     key = keys[0] if keys else None
     leaf = certs[0]
     if key is not None:
         key_spki = _spki(key)
         matching = [c for c in certs if _spki(c) == key_spki]
         if not matching:
-            where = os.fspath(key_path or cert_path)
             raise CredentialError(
-                f"the private key in {where} does not belong to certificate {_dn(certs[0])}")
+                f"the private key in {key_name} does not belong to certificate {_dn(certs[0])}")
         leaf = matching[0]
     rest = [c for c in certs if c is not leaf]
     chain: list[x509.Certificate] = []
@@ -466,13 +490,15 @@ def load_certificates(path: str | os.PathLike[str]) -> list[x509.Certificate]:
 # Writing credentials
 
 def write_private_file(path: str | os.PathLike[str], data: bytes, *,
-                       overwrite: bool = True) -> None:
+                       overwrite: bool = True, owner: tuple[int, int] | None = None) -> None:
     """Write ``data`` to ``path`` atomically with mode 0600 from the moment the file exists.
 
     The temporary file is created 0600 by ``os.open`` (never chmod-ed afterwards, so a secret is
     never briefly world-readable), fsync-ed, then renamed over the target so that a reader sees
     the old or the new credential, never half of one. With ``overwrite=False`` the final step is
     a hard link, which fails if the target exists, so two writers cannot both "create" it.
+    ``owner`` (uid, gid): the temporary file is given to them before it takes the name (root
+    writing a job's credential), so the file is never someone else's under its name.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -496,6 +522,8 @@ def write_private_file(path: str | os.PathLike[str], data: bytes, *,
         raise OSError(f"cannot create a temporary file in {directory}")
     try:
         os.fchmod(fd, 0o600)  # the umask can only remove bits; make it exactly 0600
+        if owner is not None:
+            os.fchown(fd, owner[0], owner[1])
         view = memoryview(data)
         while view:
             written = os.write(fd, view)
@@ -549,13 +577,24 @@ def _certs_pem(certs: Sequence[x509.Certificate]) -> bytes:
     return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
 
 
-def write_credential(path: str | os.PathLike[str], cred: Credential) -> None:
-    """Write a credential in the Globus proxy-file order: cert, key (PKCS8), chain; mode 0600."""
+def certificates_pem(certs: Sequence[x509.Certificate]) -> bytes:
+    """Certificates as PEM, in the given order (a chain to send)."""
+    return _certs_pem(certs)
+
+
+def credential_pem(cred: Credential) -> bytes:
+    """A credential in the Globus proxy-file order: cert, key (PKCS8), chain."""
     data = _certs_pem([cred.cert])
     if cred.key is not None:
         data += _key_pem(cred.key)
-    data += _certs_pem(cred.chain)
-    write_private_file(path, data)
+    return data + _certs_pem(cred.chain)
+
+
+def write_credential(path: str | os.PathLike[str], cred: Credential, *,
+                     owner: tuple[int, int] | None = None) -> None:
+    """Write a credential in the Globus proxy-file order: cert, key (PKCS8), chain; mode 0600
+    (atomically; ``owner`` as for :func:`write_private_file`)."""
+    write_private_file(path, credential_pem(cred), owner=owner)
 
 
 def write_private_key(path: str | os.PathLike[str], key: PrivateKey, *,
@@ -603,21 +642,15 @@ def _is_ca(cert: x509.Certificate) -> bool:
     return bc is not None and bc.ca
 
 
-def create_proxy(issuer: Credential, hours: float, limited: bool = False, key_bits: int = 2048,
-                 now: _dt.datetime | None = None) -> Credential:
-    """Sign a new RFC 3820 impersonation proxy with ``issuer``'s key.
+def _proxy_issue_checks(issuer: Credential, hours: float | None, limited: bool,
+                        now: _dt.datetime | None) -> tuple[_dt.datetime, _dt.datetime]:
+    """The checks every new proxy passes, whoever holds its key; returns (now, notAfter).
 
-    The proxy gets its own RSA key, so that it can be handed to a job or delegated without the
-    long-lived key. Its lifetime is clipped to its issuer's (a proxy never outlives its issuer)
-    and starts 5 minutes in the past to tolerate clock skew. A full proxy cannot be made from a
-    limited one: that would undo the limitation.
-    """
+    ``hours`` None means the issuer's whole remaining lifetime."""
     if issuer.key is None:
         raise CredentialError(f"certificate {_dn(issuer.cert)}: no private key to sign a proxy")
-    if not hours > 0:
+    if hours is not None and not hours > 0:
         raise CredentialError(f"proxy lifetime must be positive, not {hours} hours")
-    if not 1024 <= key_bits <= 16384:
-        raise CredentialError(f"proxy key size must be between 1024 and 16384 bits, not {key_bits}")
     if _is_ca(issuer.cert):
         raise CredentialError(f"certificate {_dn(issuer.cert)} is a CA certificate; proxies are "
                               "issued by end-entity certificates or proxies")
@@ -631,13 +664,27 @@ def create_proxy(issuer: Credential, hours: float, limited: bool = False, key_bi
     if _spki(issuer.key) != _spki(issuer.cert):
         raise CredentialError(f"the private key does not belong to certificate {_dn(issuer.cert)}")
     now = _utcnow(now)
-    issuer_end = issuer.cert.not_valid_after_utc
+    # A proxy never outlives any certificate above it (its issuer's notAfter is not enough:
+    # a proxy of a proxy must stop with the shortest-lived link of the chain).
+    issuer_end = min(c.not_valid_after_utc for c in (issuer.cert, *issuer.chain))
     if issuer_end <= now:
-        raise CredentialError(f"certificate {_dn(issuer.cert)} expired at "
+        expired = min((issuer.cert, *issuer.chain), key=lambda c: c.not_valid_after_utc)
+        raise CredentialError(f"certificate {_dn(expired)} expired at "
                               f"{issuer_end:%Y-%m-%d %H:%M:%S} UTC; cannot sign a proxy")
-    not_after = min(now + _dt.timedelta(hours=hours), issuer_end)
+    if hours is None:
+        return now, issuer_end
+    try:
+        wanted = now + _dt.timedelta(hours=hours)
+    except OverflowError:
+        wanted = issuer_end
+    return now, min(wanted, issuer_end)
 
-    key = rsa.generate_private_key(public_exponent=65537, key_size=key_bits)
+
+def _build_proxy(issuer: Credential, public_key: Any, limited: bool, now: _dt.datetime,
+                 not_after: _dt.datetime) -> x509.Certificate:
+    """Sign an RFC 3820 impersonation proxy for ``public_key`` with ``issuer``'s key (checked
+    by :func:`_proxy_issue_checks`)."""
+    assert issuer.key is not None
     # Globus names a proxy by its serial number: unique per issuer, and readable in a DN.
     serial = secrets.randbelow(2**63 - 1) + 1
     subject = x509.Name(list(issuer.cert.subject.rdns) + [
@@ -649,7 +696,7 @@ def create_proxy(issuer: Credential, hours: float, limited: bool = False, key_bi
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(issuer.cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(serial)
         .not_valid_before(now - CLOCK_SKEW)
         .not_valid_after(not_after)
@@ -659,8 +706,136 @@ def create_proxy(issuer: Credential, hours: float, limited: bool = False, key_bi
             data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
             encipher_only=False, decipher_only=False), critical=True)
     )
-    cert = builder.sign(issuer.key, _signing_hash(issuer.key))
+    return builder.sign(issuer.key, _signing_hash(issuer.key))
+
+
+def create_proxy(issuer: Credential, hours: float, limited: bool = False, key_bits: int = 2048,
+                 now: _dt.datetime | None = None) -> Credential:
+    """Sign a new RFC 3820 impersonation proxy with ``issuer``'s key.
+
+    The proxy gets its own RSA key, so that it can be handed to a job or delegated without the
+    long-lived key. Its lifetime is clipped to its issuer's (a proxy never outlives its issuer)
+    and starts 5 minutes in the past to tolerate clock skew. A full proxy cannot be made from a
+    limited one: that would undo the limitation.
+    """
+    if not 1024 <= key_bits <= 16384:
+        raise CredentialError(f"proxy key size must be between 1024 and 16384 bits, not {key_bits}")
+    if hours is None:
+        raise CredentialError("proxy lifetime must be positive, not None hours")
+    now, not_after = _proxy_issue_checks(issuer, hours, limited, now)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=key_bits)
+    cert = _build_proxy(issuer, key.public_key(), limited, now, not_after)
     return Credential(cert=cert, key=key, chain=(issuer.cert,) + tuple(issuer.chain))
+
+
+# --------------------------------------------------------------------------------------------
+# Delegation, the GSI way: the receiver makes a key pair and a request, the sender signs a new
+# proxy for the request's public key with its own proxy. Only public keys and certificates
+# travel; the receiver's key never leaves it, the sender's never leaves the sender.
+
+# Smallest RSA key gwms signs a delegated proxy for.
+MIN_DELEGATION_RSA_BITS = 2048
+
+
+def _check_delegation_key(public_key: Any) -> None:
+    if isinstance(public_key, rsa.RSAPublicKey):
+        if not MIN_DELEGATION_RSA_BITS <= public_key.key_size <= 16384:
+            raise CredentialError(f"a delegation request's RSA key must have between "
+                                  f"{MIN_DELEGATION_RSA_BITS} and 16384 bits, not "
+                                  f"{public_key.key_size}")
+    elif not isinstance(public_key, (ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey,
+                                     ed448.Ed448PublicKey)):
+        raise CredentialError(f"a delegation request's key must be RSA, EC or EdDSA, not "
+                              f"{type(public_key).__name__}")
+
+
+def sign_delegation(issuer: Credential, public_key: Any, hours: float | None,
+                    limited: bool = False, now: _dt.datetime | None = None
+                    ) -> list[x509.Certificate]:
+    """Sign a new RFC 3820 proxy for someone else's ``public_key`` with ``issuer`` (the user's
+    proxy): the delegating side of GSI delegation. Returns the chain to send back, leaf first
+    (the new proxy, the issuer, the issuer's chain).
+
+    The same checks and the same certificate as :func:`create_proxy`: lifetime clipped to the
+    issuer chain's, ``limited`` gives a limited proxy (required if the issuer is limited),
+    an expired issuer is refused. ``hours`` None: the issuer's whole remaining lifetime.
+    """
+    _check_delegation_key(public_key)
+    now, not_after = _proxy_issue_checks(issuer, hours, limited, now)
+    cert = _build_proxy(issuer, public_key, limited, now, not_after)
+    return [cert, issuer.cert, *issuer.chain]
+
+
+def new_delegation_key(key_bits: int = 2048) -> PrivateKey:
+    """A new RSA key for a delegated proxy (tens of milliseconds: daemons make it in a thread;
+    cryptography releases the GIL meanwhile)."""
+    if not MIN_DELEGATION_RSA_BITS <= key_bits <= 16384:
+        raise CredentialError(f"delegation key size must be between {MIN_DELEGATION_RSA_BITS} "
+                              f"and 16384 bits, not {key_bits}")
+    return rsa.generate_private_key(public_exponent=65537, key_size=key_bits)
+
+
+def make_delegation_request(key: PrivateKey | None = None,
+                            key_bits: int = 2048) -> tuple[PrivateKey, bytes]:
+    """The receiving side's first step: a key pair (``key``, or a new RSA one) and a PEM
+    certificate request for it (signed with it, so the signer can check the requester holds
+    the key). The subject is a placeholder: only the public key is used."""
+    if key is None:
+        key = new_delegation_key(key_bits)
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gwms delegation")]))
+           .sign(key, _signing_hash(key)))
+    return key, csr.public_bytes(serialization.Encoding.PEM)
+
+
+def read_delegation_request(pem: bytes | str) -> Any:
+    """The public key of a PEM certificate request, once its self-signature verifies (the
+    requester holds the key) and the key is one gwms signs proxies for."""
+    data = pem.encode() if isinstance(pem, str) else pem
+    if not isinstance(data, bytes):
+        raise CredentialError("a delegation request must be a PEM certificate request")
+    try:
+        csr = x509.load_pem_x509_csr(data)
+    except ValueError as e:
+        raise CredentialError(f"the delegation request is not a PEM certificate request: {e}") from None
+    try:
+        valid = csr.is_signature_valid
+        public_key = csr.public_key()
+    except (ValueError, UnsupportedAlgorithm) as e:
+        raise CredentialError(f"the delegation request cannot be read: {e}") from None
+    if not valid:
+        raise CredentialError("the delegation request's signature does not verify with its key")
+    _check_delegation_key(public_key)
+    return public_key
+
+
+def parse_certificates(pem: bytes | str, name: str = "the certificate chain") -> list[x509.Certificate]:
+    """Certificates of a PEM text (a delegated chain), in order; a private key in it is refused
+    (a chain that travelled must not carry one)."""
+    data = pem.encode() if isinstance(pem, str) else pem
+    if not isinstance(data, bytes):
+        raise CredentialError(f"{name} must be PEM text")
+    certs, keys = _parse_pem(data, name, None)
+    if keys:
+        raise CredentialError(f"{name} holds a private key")
+    if not certs:
+        raise CredentialError(f"{name} holds no PEM certificate")
+    return certs
+
+
+def accept_delegation(key: PrivateKey, chain_pem: bytes | str,
+                      now: _dt.datetime | None = None) -> tuple[Credential, ChainInfo]:
+    """The receiving side's last step: the chain the delegator sent for our request's ``key``.
+    Its leaf must be for our key and the chain must hold together (:func:`inspect_chain`, valid
+    now); trusting its CA is for whoever the proxy is presented to."""
+    certs = parse_certificates(chain_pem, "the delegated chain")
+    if _spki(certs[0]) != _spki(key):
+        raise CredentialError(f"the delegated proxy {_dn(certs[0])} is not for the key of our "
+                              "request")
+    info = inspect_chain(certs, now=_utcnow(now))
+    if info.proxy_depth == 0:
+        raise CredentialError(f"the delegated certificate {_dn(certs[0])} is not a proxy")
+    return Credential(cert=certs[0], key=key, chain=tuple(certs[1:])), info
 
 
 # --------------------------------------------------------------------------------------------
@@ -826,6 +1001,30 @@ def verify_chain(chain: Sequence[x509.Certificate], trusted: Sequence[x509.Certi
             raise CredentialError(f"certificate {_dn(cert)} issued {_dn(below)} but is not a CA "
                                   "(BasicConstraints ca=True missing)")
     return _proxy_rules(full)
+
+
+def inspect_chain(chain: Sequence[x509.Certificate], now: _dt.datetime | None = None) -> ChainInfo:
+    """What can be checked of a leaf-first chain without trust anchors: each certificate signed
+    by the next one, the proxy rules, and (with ``now``) every validity period.
+
+    For a user's own proxy file and for a delegated chain, whose CA the checking daemon need
+    not trust (the services the proxy is presented to do that): this says the file is a
+    coherent proxy chain, whose identity and lifetime can be believed as far as its holder is
+    concerned, not that anyone should accept it."""
+    chain = list(chain)
+    if not chain:
+        raise CredentialError("empty certificate chain")
+    if now is not None:
+        now = _utcnow(now)
+        for cert in chain:
+            _check_validity(cert, now)
+    for cert, issuer in zip(chain, chain[1:]):
+        if cert.issuer != issuer.subject:
+            what = "proxy" if is_proxy(cert) else "certificate"
+            raise CredentialError(f"{what} {_dn(cert)} was not issued by {_dn(issuer)}: its "
+                                  f"issuer name is {dn_string(cert.issuer)}")
+        _check_signature(cert, issuer)
+    return _proxy_rules(chain)
 
 
 def chain_info_from_verified(chain: Sequence[x509.Certificate]) -> ChainInfo:

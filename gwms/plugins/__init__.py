@@ -21,6 +21,8 @@ AUTH_METHODS: Mapping[str, str] = {
 }
 IDENTITY_SWITCHES: Mapping[str, str] = {
     "none": "gwms.plugins.identity:NoIdentitySwitch",
+    "setuid": "gwms.plugins.identity:SetuidIdentitySwitch",
+    "glexec": "gwms.plugins.identity:GlexecIdentitySwitch",
 }
 GRID_SUBMITTERS: Mapping[str, str] = {
     "local": "gwms.plugins.grid_local:LocalGridSubmitter",

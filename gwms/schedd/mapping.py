@@ -2,6 +2,10 @@
 
 ``"DN" user`` per line (the Globus format the seed's analysis installation uses); ``#`` starts a
 comment. Local submission (fs) needs no mapping: the UNIX account is the user.
+
+A worker's grid-mapfile (``[startd] grid_mapfile``, read by the setuid and glexec identity
+switches) may also hold ``owner account`` lines, which map a job's Owner name
+(``parse_grid_mapfile(..., owners=True)``).
 """
 
 from __future__ import annotations
@@ -9,8 +13,10 @@ from __future__ import annotations
 import re
 import shlex
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from gwms.security import Identity
+if TYPE_CHECKING:  # only a type here; the identity switches' helper imports this module lean
+    from gwms.security import Identity
 
 _USER = re.compile(r"[a-z_][a-z0-9_.-]{0,31}\Z")
 
@@ -19,7 +25,8 @@ class MappingError(Exception):
     pass
 
 
-def parse_grid_mapfile(text: str, source: str = "<grid-mapfile>") -> dict[str, str]:
+def parse_grid_mapfile(text: str, source: str = "<grid-mapfile>", owners: bool = False) -> dict[str, str]:
+    """{DN: account} (and, with ``owners``, {Owner name: account} from 'owner account' lines)."""
     mapping: dict[str, str] = {}
     for number, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()
@@ -29,8 +36,10 @@ def parse_grid_mapfile(text: str, source: str = "<grid-mapfile>") -> dict[str, s
             parts = shlex.split(stripped)
         except ValueError as e:
             raise MappingError(f"{source}:{number}: {e}") from None
-        if len(parts) != 2 or not parts[0].startswith("/"):
-            raise MappingError(f'{source}:{number}: expected \'"DN" user\', got {stripped[:80]!r}')
+        is_owner = owners and len(parts) == 2 and _USER.match(parts[0]) is not None
+        if len(parts) != 2 or not (parts[0].startswith("/") or is_owner):
+            expected = "'\"DN\" account' or 'owner account'" if owners else "'\"DN\" user'"
+            raise MappingError(f"{source}:{number}: expected {expected}, got {stripped[:80]!r}")
         dn, user = parts
         if not _USER.match(user.split(",")[0]):
             raise MappingError(f"{source}:{number}: {user!r} is not a valid account name")
@@ -38,11 +47,11 @@ def parse_grid_mapfile(text: str, source: str = "<grid-mapfile>") -> dict[str, s
     return mapping
 
 
-def load_grid_mapfile(path: Path | None) -> dict[str, str]:
+def load_grid_mapfile(path: Path | None, owners: bool = False) -> dict[str, str]:
     if path is None:
         return {}
     try:
-        return parse_grid_mapfile(path.read_text(), str(path))
+        return parse_grid_mapfile(path.read_text(), str(path), owners)
     except OSError as e:
         raise MappingError(f"cannot read grid-mapfile {path}: {e.strerror}") from None
 

@@ -8,6 +8,7 @@ each match the schedd claims the slot and runs a shadow (``gwms.schedd.shadow``)
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from gwms.config import HostConfig
 from gwms.daemon import DaemonOptions, MessageListener, client_security, collectors, message_factory
 from gwms.protocols.client import Address, DaemonClient
 from gwms.protocols.messages import Command, CommandError, ConnectionFailed, Items, Request
+from gwms.schedd import proxy as user_proxy
 from gwms.schedd.mapping import load_grid_mapfile, local_user
 from gwms.schedd.queue import COMPLETED, HELD, IDLE, REMOVED, RUNNING, JobQueue, format_job_id, parse_job_id
 from gwms.schedd.shadow import ClaimHandle, Shadow
@@ -58,6 +60,7 @@ class Schedd:
         self.uid_domain = settings["uid_domain"] or config.pool["name"]
         self.grid_map = load_grid_mapfile(settings["grid_mapfile"])
         self.reconnect_interval = settings["reconnect_interval"]
+        self.proxy_check_interval = settings["proxy_check_interval"]
         self.address = ""
         self.shadows: dict[tuple[int, int], Shadow] = {}
         self.starting: set[tuple[int, int]] = set()  # matched, claim in progress
@@ -206,6 +209,11 @@ class Schedd:
             for forced in ("Owner", "User", "ClusterId", "JobStatus"):
                 if forced in proc:
                     del proc[forced]
+        # What the proxy file says is read by the schedd (below), never taken from the client.
+        for ad_ in (cluster_ad, *procs):
+            for forced in (user_proxy.SUBJECT, user_proxy.EXPIRATION):
+                if forced in ad_:
+                    del ad_[forced]
         try:
             ids = self.queue.submit(cluster_ad, procs)
         except Exception as e:  # QueueError, ClassAdError: the message says what was wrong
@@ -217,6 +225,13 @@ class Schedd:
             for job_id in ids:
                 job = self.queue.job(job_id)
                 self.event(job, eventlog.submit_event(job_id[0], job_id[1], now, submit_host))
+        if "x509userproxy" in cluster_ad or any("x509userproxy" in proc for proc in procs):
+            # The submit is durable and acknowledged whatever the proxy is like: a bad one
+            # holds the jobs (with the reason), it does not refuse them.
+            try:
+                self.check_proxies(ids)
+            except Exception:
+                log.failure("checking the proxies of cluster {cluster}", cluster=cluster)
         if self.poke_negotiator is not None:
             self.poke_negotiator()
         return _ad(ClusterId=cluster, Count=len(ids))
@@ -426,11 +441,16 @@ class Schedd:
         self.claim(job_id, slot_ad).addErrback(lambda f: log.failure("claiming for {job}", f, job=format_job_id(job_id)))
         return _ad(Accepted=True, JobId=format_job_id(job_id))
 
-    def daemon(self, address: str) -> DaemonClient:
-        client = self._startds.get(address)
+    def daemon(self, address: str, pin: object = None) -> DaemonClient:
+        """The client to a startd; ``pin``: the SHA-256 of the certificate it advertised, when it
+        serves TLS with one of its own making (a glidein with only a token)."""
+        pin = pin if isinstance(pin, str) and pin else None
+        key = f"{address}#{pin}" if pin else address
+        client = self._startds.get(key)
         if client is None:
-            client = DaemonClient(self.reactor, Address.parse(address), self._security, connector=self.connector)
-            self._startds[address] = client
+            target = dataclasses.replace(Address.parse(address), pin=pin)
+            client = DaemonClient(self.reactor, target, self._security, connector=self.connector)
+            self._startds[key] = client
         return client
 
     @defer.inlineCallbacks
@@ -438,7 +458,7 @@ class Schedd:
         try:
             job = self.queue.job(job_id)
             address = str(slot_ad.get("MyAddress", ""))
-            client = self.daemon(address)
+            client = self.daemon(address, slot_ad.get("TLSCertificateSHA256"))
             try:
                 reply = yield client.call("REQUEST_CLAIM", _ad(ClaimId=slot_ad.get("ClaimId", ""), JobAd=job,
                                                               Schedd=self.name), "DAEMON")
@@ -478,13 +498,20 @@ class Schedd:
             if not address or not claim_id:
                 self.requeue(job_id, "no record of where the job was running", evicted=False)
                 continue
-            handle = ClaimHandle(self.daemon(str(address)), str(claim_id), str(self.queue.get(job_id, "RemoteHost")),
+            client = self.daemon(str(address), self.queue.get(job_id, "StartdTLSCertificateSHA256"))
+            handle = ClaimHandle(client, str(claim_id), str(self.queue.get(job_id, "RemoteHost")),
                                  _ad(Name=str(self.queue.get(job_id, "RemoteHost")),
                                      RemoteOwner=self.queue.owner(job_id)), str(address))
             Shadow(self, handle, job_id).run_claim(reconnect=True).addErrback(
                 lambda f: log.failure("reconnecting", f))
 
     # -- policy -------------------------------------------------------------------------------
+    def check_proxies(self, job_ids: list[tuple[int, int]] | None = None) -> None:
+        """The users' x509userproxy files (every proxy_check_interval, and at submit for
+        ``job_ids``): record subject and expiration, hold jobs whose proxy is unreadable, not a
+        credential or expired, delegate a refreshed one to running jobs (gwms.schedd.proxy)."""
+        user_proxy.check_proxies(self, job_ids)
+
     def periodic(self) -> None:
         """periodic_hold / periodic_release / periodic_remove, with their reasons."""
         now = self.reactor.seconds()
@@ -558,6 +585,8 @@ class ScheddService(service.MultiService):
         self._updates.clock = reactor
         self._policy = LoopingCall(self.schedd.periodic)
         self._policy.clock = reactor
+        self._proxies = LoopingCall(self.schedd.check_proxies)
+        self._proxies.clock = reactor
         self.negotiator_address = settings["negotiator"]
         self._poke_pending = False
 
@@ -570,6 +599,7 @@ class ScheddService(service.MultiService):
         self.schedd.reconnect_running()
         self._updates.start(self.schedd.settings["update_interval"], now=True)
         self._policy.start(self.schedd.settings["periodic_interval"], now=False)
+        self._proxies.start(self.schedd.proxy_check_interval, now=False)
 
     def advertise(self) -> None:
         for ad in self.schedd.ads():
@@ -604,7 +634,7 @@ class ScheddService(service.MultiService):
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
-        for loop in (self._updates, self._policy):
+        for loop in (self._updates, self._policy, self._proxies):
             if loop.running:
                 loop.stop()
         yield super().stopService()

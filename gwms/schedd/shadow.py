@@ -20,8 +20,10 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from gwms import classads, eventlog, userfiles
+from gwms.credentials.x509 import CredentialError
 from gwms.protocols.messages import CommandError, ConnectionFailed
 from gwms.protocols.transfer import CHUNK, STDERR, STDOUT, TransferError, decode_chunk, encode_chunk
+from gwms.schedd import proxy as user_proxy
 from gwms.schedd.queue import COMPLETED, HELD, IDLE, RUNNING, format_job_id
 
 if TYPE_CHECKING:
@@ -62,6 +64,11 @@ class Shadow:
         # (its move to the history) is on disk.
         self.ended_job: str | None = None
         self.retired: defer.Deferred[None] | None = None
+        # The SHA-256 of the proxy file last delegated to the current job (None: none yet, or
+        # unknown after a schedd restart: the next proxy check delegates again).
+        self.delegated_digest: str | None = None
+        self.delegated_span: tuple[float, float] | None = None  # (when, the delegated proxy's end)
+        self._delegating: defer.Deferred[Any] | None = None
 
     def request_kill(self, status: int, reason: str, code: int = 1, subcode: int = 0) -> None:
         """Hold or remove the running job now: the kill goes out at once (the long-poll then
@@ -87,6 +94,7 @@ class Shadow:
             self.schedd.shadows[self.job_id] = self
             try:
                 if reconnect:
+                    self.started = True  # it runs there (a kill or a re-delegation goes out at once)
                     keep = yield self.follow(reconnect=True)
                     reconnect = False
                 else:
@@ -129,9 +137,21 @@ class Shadow:
         self.started = False
         if job is None or queue.get(self.job_id, "JobStatus") != IDLE:
             return True
+        self.delegated_digest = None
+        self.delegated_span = None
+        proxy = None
+        if user_proxy.job_proxy_path(job) is not None:
+            # The user's proxy, checked right before the start (read as the owner): an expired
+            # or broken one holds the job here instead of starting it.
+            proxy = user_proxy.check_job(schedd, self.job_id)
+            if proxy is None:
+                return True
         account = schedd.account_of(job)
         now = schedd.reactor.seconds()
         queue.set_status(self.job_id, RUNNING, now=now)
+        pin = self.claim.client.address.pin  # a glidein known by its certificate's fingerprint
+        if pin is not None:  # recorded so that a restarted schedd reconnects to it the same way
+            queue.set(self.job_id, {"StartdTLSCertificateSHA256": pin})
         queue.set(self.job_id, {"RemoteHost": self.claim.slot_name, "StartdAddress": self.claim.startd_address,
                                 "ClaimId": self.claim.claim_id, "JobCurrentStartDate": int(now),
                                 "ShadowBday": int(now)})
@@ -141,12 +161,14 @@ class Shadow:
         first_wait = None
         try:
             inputs = self.input_files(job)
-            # Without an input sandbox the job starts with its activation (one round trip).
-            activation = _with(JobAd=job, StartNow=not inputs)
+            # Without an input sandbox (nor a proxy to delegate first) the job starts with its
+            # activation (one round trip).
+            start_now = not inputs and proxy is None
+            activation = _with(JobAd=job, StartNow=start_now)
             if replaces:
                 activation["Replaces"] = replaces
             activated = self.call("ACTIVATE_CLAIM", activation)
-            if not inputs:
+            if start_now:
                 # The first long-poll goes out behind the activation, not after its answer: a
                 # short job's end then comes back one round trip sooner. If the activation
                 # fails, this poll is discarded.
@@ -154,7 +176,15 @@ class Shadow:
             yield activated
             if inputs:
                 yield self.send_input(job, account, inputs)
+            if proxy is not None:
+                yield self.delegate(proxy)
+            if not start_now:
                 yield self.call("START_JOB", classads.ClassAd())
+        except CredentialError as e:  # the user's proxy could not sign the job's (expired since)
+            yield self._abandon_start(job)
+            schedd.hold(self.job_id, f"Error delegating x509userproxy {proxy.path if proxy else ''}: {e}",
+                        code=user_proxy.CORRUPTED_CREDENTIAL)
+            return True
         except (JobProblem, TransferError, userfiles.UserFileError) as e:
             _discard(first_wait)
             yield self._abandon_start(job)
@@ -166,6 +196,10 @@ class Shadow:
                 schedd.requeue(self.job_id, "the claim ended before the job started", evicted=False)
                 return False
             yield self._abandon_start(job)
+            if e.code == "DELEGATION_FAILED":
+                schedd.hold(self.job_id, f"Error delegating the proxy to {self.claim.slot_name}: {e.message}",
+                            code=user_proxy.CORRUPTED_CREDENTIAL)
+                return True
             if e.code in ("TRANSFER_FAILED", "START_FAILED"):
                 schedd.hold(self.job_id, f"Error from {self.claim.slot_name}: {e.message}", code=13)
                 return True
@@ -193,6 +227,61 @@ class Shadow:
             yield self.call("DEACTIVATE_CLAIM", classads.ClassAd())
         except (CommandError, ConnectionFailed):
             pass
+
+    # -- the user's proxy, delegated the GSI way ------------------------------------------------
+    @defer.inlineCallbacks
+    def delegate(self, proxy: "user_proxy.UserProxy") -> Any:
+        """Delegate ``proxy`` to the current job: the starter makes a key pair and sends a
+        certificate request (DELEGATE_REQUEST); we sign a new proxy for its public key and send
+        the chain (DELEGATE_PROXY). No private key crosses the wire either way."""
+        job_id = self.name
+        reply = yield self.call("DELEGATE_REQUEST", _with(JobId=job_id))
+        queue = self.schedd.queue
+        chain = user_proxy.delegate(proxy, reply.get("Request"),
+                                    queue.get(self.job_id, "DelegateJobGSICredentialsLifetime"),
+                                    queue.get(self.job_id, "DelegateLimitedProxy"), self.schedd.reactor.seconds())
+        reply = yield self.call("DELEGATE_PROXY", _with(JobId=job_id, Proxy=chain))
+        self.delegated_digest = proxy.digest
+        expires = reply.get("Expiration")
+        self.delegated_span = ((self.schedd.reactor.seconds(), float(expires))
+                               if isinstance(expires, (int, float)) and not isinstance(expires, bool) else None)
+
+    def _delegation_due(self, proxy: "user_proxy.UserProxy") -> bool:
+        """A delegated proxy shorter-lived than the user's (delegate_job_GSI_credentials_lifetime)
+        is renewed from the same file once less than a quarter of its life is left, as HTCondor's
+        DELEGATE_JOB_GSI_CREDENTIALS_REFRESH does, as long as the user's would outlive it."""
+        if self.delegated_span is None:
+            return False
+        since, until = self.delegated_span
+        now = self.schedd.reactor.seconds()
+        return proxy.expiration > until and now >= until - user_proxy.REFRESH_FRACTION * (until - since)
+
+    def proxy_changed(self, proxy: "user_proxy.UserProxy") -> None:
+        """The schedd's proxy check read the job's proxy file: if it is not the one the running
+        job has (the user refreshed it), or the job's is due for renewal (``_delegation_due``),
+        delegate again. One delegation at a time; a failed one is tried again at the next check."""
+        if not self.started or self.kill_request is not None or self._delegating is not None:
+            return
+        if proxy.digest == self.delegated_digest and not self._delegation_due(proxy):
+            return
+        job_id = self.job_id
+        log.info("delegating the refreshed proxy {path} to {job}", path=proxy.path, job=self.name)
+
+        def failed(f: Any) -> None:
+            f.trap(CommandError, ConnectionFailed, CredentialError)
+            log.info("re-delegating the proxy to {job} failed: {error}", job=format_job_id(job_id),
+                     error=f.getErrorMessage())
+
+        def done(result: Any) -> Any:
+            self._delegating = None
+            return result
+
+        d = self.delegate(proxy)
+        d.addErrback(failed)
+        d.addBoth(done)
+        d.addErrback(lambda f: log.failure("re-delegating the proxy to {job}", f, job=format_job_id(job_id)))
+        if not d.called:
+            self._delegating = d
 
     # -- input sandbox --------------------------------------------------------------------------
     def input_files(self, job: classads.ClassAd) -> list[tuple[Path, bool]]:
@@ -294,6 +383,8 @@ class Shadow:
     def _record_usage(self, status: classads.ClassAd) -> None:
         values = {k: status[k] for k in ("RemoteUserCpu", "RemoteSysCpu", "ResidentSetSize", "MemoryUsage")
                   if k in status}
+        # The account the job ran as on the worker (identity switch) and the DN it was mapped from.
+        values.update({k: status[k] for k in ("RemoteAccount", "RemoteAccountDN") if isinstance(status.get(k), str)})
         if values:
             self.schedd.queue.set(self.job_id, values)
             self.schedd.commit_soon()

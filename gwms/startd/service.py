@@ -30,6 +30,8 @@ from gwms.config import HostConfig
 from gwms.daemon import DaemonOptions, MessageListener, collectors, message_factory
 from gwms.protocols.messages import Command, CommandError, Items, Request
 from gwms.protocols.transfer import TransferError, decode_chunk, encode_chunk
+from gwms.plugins.identity import IdentityError
+from gwms.startd.accounts import JobAccounts
 
 log = Logger()
 
@@ -107,6 +109,9 @@ class Startd:
         self.machine = settings["name"] or socket.getfqdn()
         self.execute = Path(settings["execute"])
         self.execute.mkdir(parents=True, exist_ok=True, mode=0o755)
+        # Which accounts jobs run as: execute dir and pilot credential modes, shared identity.
+        self.accounts = JobAccounts(switch, settings)
+        self.accounts.startup(self.execute, settings["pilot_credential"])
         cpus, memory, disk = _machine_resources(self.execute)
         cpus = settings["cpus"] or cpus
         memory = settings["memory"] or memory
@@ -124,6 +129,7 @@ class Startd:
         self.retiring = False
         self.idle_since: float | None = now  # when the last claim went away (None: claimed)
         self.exit_requested: Callable[[str], None] | None = None  # set by the service
+        self.tls_pin: str | None = None  # the fingerprint of a certificate of its own (set by the service)
         if settings["partitionable"]:
             self._add(Slot(f"slot1@{self.machine}", "Partitionable", cpus, memory, disk, entered_state=now))
         else:
@@ -134,6 +140,8 @@ class Startd:
         # Removing a finished job's sandbox: here, or (the service) in a thread, so that a
         # slow file system's unlinks and rmdirs do not hold up the next job's activation.
         self.remove_sandbox: Callable[[Path], defer.Deferred[None]] = _remove_sandbox_now
+        # A delegated proxy's new RSA key (tens of ms): here, or (the service) in a thread.
+        self.new_delegation_key: Callable[[], defer.Deferred[Any]] = _new_delegation_key_now
         self.advertiser: Any = None  # a callable(slot) set by the service
         self.invalidator: Any = None  # likewise, for dynamic slots that go away
 
@@ -157,10 +165,13 @@ class Startd:
         ad["State"] = slot.state
         ad["Activity"] = slot.activity
         ad["EnteredCurrentState"] = int(slot.entered_state)
-        ad["Start"] = self.start_expr
+        # Restricted to one Owner once one has the startd's account (identity_switch = none).
+        ad["Start"] = self.accounts.start(self.start_expr, (c.user for c in self.claims.values()))
         ad["Requirements"] = classads.parse_expr("START")
         ad["Rank"] = self.rank_expr
         ad["TotalSlots"] = len(self.slots)
+        if self.tls_pin is not None:  # how schedds know this startd: it has no CA-signed certificate
+            ad["TLSCertificateSHA256"] = self.tls_pin
         try:
             ad["LoadAvg"] = os.getloadavg()[0]
         except OSError:
@@ -216,6 +227,8 @@ class Startd:
         job = request.ad.get("JobAd")
         if not isinstance(job, classads.ClassAd):
             raise CommandError("MALFORMED_AD", "REQUEST_CLAIM needs a JobAd")
+        # An account to run it as (SHARED_IDENTITY, IDENTITY_REFUSED), before anything changes.
+        self.accounts.check(job, (c.user for c in self.claims.values()))
         want = {k: _positive(job.get(k), d) for k, d in (("RequestCpus", 1), ("RequestMemory", 128),
                                                           ("RequestDisk", 1024))}
         if slot.slot_type == "Partitionable":
@@ -250,6 +263,9 @@ class Startd:
         target.claim = claim
         self._set_state(target, "Claimed", "Idle")
         self._changed(target)
+        if self.accounts.restricting:  # START of the other slots now names the claim's Owner
+            for other in self.slots.values():
+                self._changed(other)
         reply = classads.ClassAd()
         reply["ClaimId"] = claim.claim_id
         reply["SlotName"] = target.name
@@ -276,7 +292,15 @@ class Startd:
             raise CommandError("MALFORMED_AD", "ACTIVATE_CLAIM needs a JobAd")
         if str(job.get("Owner", "")) != claim.user:
             raise CommandError("REFUSED", "a claim runs jobs of the user it was made for only")
-        claim.starter = Starter(self.reactor, self.switch, self.execute, claim.slot.name, job, self.process_factory)
+        self.accounts.check(job, (c.user for c in self.claims.values()))
+        try:
+            claim.starter = Starter(self.reactor, self.switch, self.execute, claim.slot.name, job,
+                                    self.process_factory)
+        except IdentityError as e:  # the account changed since the check (passwd, grid-mapfile)
+            raise CommandError("IDENTITY_REFUSED", f"no account to run the job as: {e}") from None
+        if self.accounts.running(job):
+            for slot in self.slots.values():  # START now names the Owner that has the account
+                self._changed(slot)
         claim.job_id = f"{job.get('ClusterId')}.{job.get('ProcId')}"
         claim.job_lease = float(_positive(job.get("JobLeaseDuration"), 2400))
         claim.lease_deadline = self.reactor.seconds() + claim.job_lease
@@ -297,6 +321,58 @@ class Startd:
         except (TransferError, OSError) as e:
             raise CommandError("TRANSFER_FAILED", str(e)) from None
         return classads.ClassAd()
+
+    # -- the job's proxy, delegated the GSI way (the key pair is made here, never sent) --------
+    def _delegation_starter(self, request: Request) -> Any:
+        """The starter of the claim's current job, if the request names that job, it has a
+        proxy and has not ended: delegation is for the claim's current job only."""
+        claim = self.claim_for(request)
+        starter = self._starter(claim)
+        named = request.ad.get("JobId")
+        if named != claim.job_id:
+            raise CommandError("NO_JOB", f"the claim's current job is {claim.job_id}, not {named}")
+        if starter.result is not None:
+            raise CommandError("NO_JOB", f"job {claim.job_id} has ended")
+        if not starter.job.get("x509userproxy"):
+            raise CommandError("REFUSED", f"job {claim.job_id} has no x509userproxy to delegate")
+        return starter
+
+    def delegate_request(self, request: Request) -> classads.ClassAd:
+        """DELEGATE_REQUEST [ClaimId, JobId] -> [Request: a PEM certificate request]: the
+        starter makes a new key pair for the job's proxy and asks for its certificate."""
+        from gwms.credentials.x509 import CredentialError
+
+        starter = self._delegation_starter(request)
+
+        def made(key: Any) -> classads.ClassAd:
+            try:
+                pem = starter.delegation_request(key)
+            except (CredentialError, OSError) as e:
+                raise CommandError("DELEGATION_FAILED", str(e)) from None
+            reply = classads.ClassAd()
+            reply["Request"] = pem.decode("ascii")
+            return reply
+
+        return self.new_delegation_key().addCallback(made)
+
+    def delegate_proxy(self, request: Request) -> classads.ClassAd:
+        """DELEGATE_PROXY [ClaimId, JobId, Proxy: the PEM chain signed for the request's key]:
+        the starter writes key and chain to the job's proxy file (0600, the job's account),
+        replacing an earlier one atomically. Replies with the proxy's Subject and Expiration."""
+        from gwms.credentials.x509 import CredentialError
+
+        starter = self._delegation_starter(request)
+        chain = request.ad.get("Proxy")
+        if not isinstance(chain, str):
+            raise CommandError("MALFORMED_AD", "DELEGATE_PROXY needs Proxy, a PEM certificate chain")
+        try:
+            info = starter.accept_delegation(chain)
+        except (CredentialError, OSError) as e:
+            raise CommandError("DELEGATION_FAILED", str(e)) from None
+        reply = classads.ClassAd()
+        reply["Subject"] = info.subject
+        reply["Expiration"] = int(info.not_after.timestamp())
+        return reply
 
     def start_job(self, request: Request) -> classads.ClassAd:
         return self._start(self.claim_for(request))
@@ -331,6 +407,8 @@ class Startd:
             ad["Reason"] = evicted
         result = starter.result if starter is not None else None
         ad["Running"] = bool(starter is not None and starter.running)
+        if starter is not None:  # accounting: RemoteAccount (and RemoteAccountDN)
+            self.accounts.describe(getattr(starter, "identity", None), ad)
         usage = None
         if result is not None and getattr(result, "failure", None):
             # The startd lost the job (its launcher died): not the job's own exit. The shadow
@@ -542,6 +620,8 @@ class Startd:
             Command("REQUEST_CLAIM", "DAEMON", self.request_claim),
             Command("ACTIVATE_CLAIM", "DAEMON", self.activate),
             Command("PUT_FILE", "DAEMON", self.put_file),
+            Command("DELEGATE_REQUEST", "DAEMON", self.delegate_request),
+            Command("DELEGATE_PROXY", "DAEMON", self.delegate_proxy),
             Command("START_JOB", "DAEMON", self.start_job),
             Command("WAIT_JOB", "DAEMON", self.wait_job),
             Command("LIST_OUTPUT", "DAEMON", self.list_output),
@@ -556,6 +636,12 @@ def _remove_sandbox_now(path: Path) -> defer.Deferred[None]:
     from gwms.startd.process import remove_sandbox
 
     return defer.maybeDeferred(remove_sandbox, path)
+
+
+def _new_delegation_key_now() -> defer.Deferred[Any]:
+    from gwms.credentials.x509 import new_delegation_key
+
+    return defer.maybeDeferred(new_delegation_key)
 
 
 def _positive(value: Any, default: float) -> Any:
@@ -581,10 +667,13 @@ class StartdService(service.MultiService):
         switch = load_plugin("identity switch", settings["identity_switch"], IDENTITY_SWITCHES, IIdentitySwitch, config)
         self.startd = Startd(reactor, config, switch)
         self.startd.remove_sandbox = self._remove_sandbox_in_thread
+        self.startd.new_delegation_key = self._new_delegation_key_in_thread
         self.startd.advertiser = self.advertise
         self.startd.invalidator = self.invalidate
         self.collectors = collectors(reactor, config)
         self.factory = message_factory(reactor, config, self.startd.commands())
+        tls = self.factory.security.tls
+        self.startd.tls_pin = tls.fingerprint if tls is not None else None
         host, port = settings["listen"]
         self.listener = MessageListener(reactor, self.factory, (host, port), None, settings["address_file"])
         self.listener.setServiceParent(self)
@@ -604,6 +693,11 @@ class StartdService(service.MultiService):
         from gwms.startd.process import remove_sandbox
 
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), remove_sandbox, path)
+
+    def _new_delegation_key_in_thread(self) -> defer.Deferred[Any]:
+        from gwms.credentials.x509 import new_delegation_key
+
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), new_delegation_key)
 
     def startService(self) -> None:
         from gwms.startd.process import become_subreaper, sweep_sandboxes

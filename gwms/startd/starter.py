@@ -19,9 +19,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gwms import classads
+from gwms.credentials import x509
 from gwms.protocols.transfer import CHUNK, STDERR, STDOUT, TransferError, check_name, sha256_file
 
 log = Logger()
+
+# The job's delegated proxy in its sandbox (X509_USER_PROXY): a dot file, so never part of the
+# output sandbox, and never served by GET_FILE either (its key must not cross the wire).
+PROXY_FILE = ".x509up"
 
 
 def job_argv(job: classads.ClassAd, sandbox: Path, transferred: set[str]) -> list[str]:
@@ -66,7 +71,13 @@ class Starter:
         self.job = job
         self.sandbox = execute_dir / f"dir_{os.getpid()}_{secrets.token_hex(6)}"
         self.sandbox.mkdir(mode=0o700)
-        self.identity = switch.prepare_sandbox(job, self.sandbox)
+        try:
+            self.identity = switch.prepare_sandbox(job, self.sandbox)
+        except BaseException:  # no account for the job (IdentityError): no sandbox either
+            from gwms.startd.process import remove_sandbox
+
+            remove_sandbox(self.sandbox)
+            raise
         self._incoming: dict[str, tuple[Any, Any, int]] = {}  # name -> (file, sha256 state, size so far)
         self.received: dict[str, str] = {}  # complete input files -> sha256
         self.process: Any = None
@@ -75,7 +86,53 @@ class Starter:
         self.started_at: float | None = None
         self.streams = wanted_streams(job)
         self.finished: defer.Deferred[Any] = defer.Deferred()
+        self.proxy_path: Path | None = None  # the delegated proxy, once there is one
+        self._delegation_key: Any = None  # the key of the pending delegation request
         (self.sandbox / ".job.ad").write_text(classads.format_old(job, sort=False))
+
+    # -- the job's proxy, delegated the GSI way --------------------------------------------------
+    def delegation_request(self, key: Any = None) -> bytes:
+        """A key pair for the job's proxy (``key``, made for us, or a new one; kept here) and a
+        PEM certificate request for its public key, for the shadow to sign with the user's
+        proxy. A later request replaces an unanswered one."""
+        key, request = x509.make_delegation_request(key)
+        self._delegation_key = key
+        return request
+
+    def accept_delegation(self, chain_pem: str) -> x509.ChainInfo:
+        """The chain the shadow signed for our request: key + chain go to the job's proxy file
+        (Globus order, mode 0600, owned by the job's account), replacing an earlier one
+        atomically at the same path. The proxy must be of the identity the job ad names."""
+        import datetime
+
+        key = self._delegation_key
+        if key is None:
+            raise x509.CredentialError("no delegation request is pending (DELEGATE_REQUEST first)")
+        now = datetime.datetime.fromtimestamp(self.reactor.seconds(), tz=datetime.timezone.utc)
+        cred, info = x509.accept_delegation(key, chain_pem, now=now)
+        expected = self.job.get("x509UserProxySubject")
+        if isinstance(expected, str) and expected and info.identity != expected:
+            raise x509.CredentialError(f"the delegated proxy is of {info.identity}, but the job's "
+                                       f"x509UserProxySubject is {expected}")
+        path = self.sandbox / PROXY_FILE
+        try:
+            x509.write_credential(path, cred, owner=self._proxy_owner())
+        except PermissionError as e:
+            raise x509.CredentialError(f"cannot write the job's proxy {path} for its account: "
+                                       f"{e.strerror or e}") from None
+        self._delegation_key = None
+        self.proxy_path = path
+        return info
+
+    def _proxy_owner(self) -> tuple[int, int] | None:
+        """(uid, gid) the proxy file is given to: the job's account (from the identity switch),
+        when it is not ours already."""
+        uid, gid = getattr(self.identity, "uid", None), getattr(self.identity, "gid", None)
+        if not isinstance(uid, int) or not isinstance(gid, int):
+            return None
+        if (uid, gid) == (os.geteuid(), os.getegid()):
+            return None
+        return uid, gid
 
     # -- input sandbox ------------------------------------------------------------------------
     def put(self, name: object, offset: int, data: bytes, final: bool, sha256: object, executable: bool) -> None:
@@ -114,6 +171,10 @@ class Starter:
             raise TransferError(f"input files not complete: {', '.join(sorted(self._incoming))}")
         argv = job_argv(self.job, self.sandbox, set(self.received))
         env = job_environment(self.job, self.sandbox, self.slot_name)
+        if self.job.get("x509userproxy"):
+            if self.proxy_path is None:  # never run a proxy job without its proxy
+                raise TransferError("the job's x509userproxy has not been delegated (DELEGATE_PROXY)")
+            env["X509_USER_PROXY"] = str(self.proxy_path)
         stdin_name = os.path.basename(str(self.job.get("In", "/dev/null")))
         stdin = self.sandbox / stdin_name if stdin_name in self.received else None
         marker = secrets.token_hex(16)
@@ -147,7 +208,7 @@ class Starter:
         listed = str(self.job.get("TransferOutput", "") or "")
         wanted = [n.strip() for n in listed.split(",") if n.strip()]
         if wanted:
-            names += [os.path.basename(n) for n in wanted]
+            names += [os.path.basename(n) for n in wanted if os.path.basename(n) != PROXY_FILE]
         else:
             since = self.started_at or 0
             for entry in sorted(os.scandir(self.sandbox), key=lambda e: e.name):
@@ -168,7 +229,7 @@ class Starter:
     def read(self, name: object, offset: int, length: int) -> tuple[bytes, bool]:
         name = check_name(name)
         path = self.sandbox / name
-        if path.is_symlink() or not path.is_file():
+        if name == PROXY_FILE or path.is_symlink() or not path.is_file():
             raise TransferError(f"no output file {name}")
         length = max(0, min(length, CHUNK))
         with open(path, "rb") as f:

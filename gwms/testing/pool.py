@@ -115,6 +115,8 @@ cpus = {cpus}
 memory = {memory}
 disk = {disk}
 update_interval = 30
+# Fake jobs of several users on one identity_switch = none startd: nothing runs, nothing is shared.
+allow_shared_identity = true
 """
 
 STATUS_NAMES = {1: "Idle", 2: "Running", 3: "Removed", 4: "Completed", 5: "Held", 6: "Transferring", 7: "Suspended"}
@@ -239,6 +241,7 @@ class MemoryPool:
         self.network.listen(SCHEDD_ADDRESS, self._factory("schedd", self.schedd.commands()))
         self._every(settings["update_interval"], self._advertise_schedd, now=True)
         self._every(settings["periodic_interval"], self.schedd.periodic, now=False)
+        self._every(settings["proxy_check_interval"], self.schedd.check_proxies, now=False)
 
     def _build_startd(self) -> None:
         settings = self.config.section("startd")

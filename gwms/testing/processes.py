@@ -9,6 +9,8 @@ What the fake job does is read from its job ad, so one submit file can drive bot
     +FakeOutputs = "a.txt,b.txt"       files it creates in the sandbox at exit (fake_output_content)
     +FakeStderr = "warning\\n"          what it writes to stderr (default nothing)
     +FakeIgnoreSigterm = true          kill(grace) then takes the whole grace and ends with SIGKILL
+    +FakeReportProxy = true            at start and at exit it adds a line to stdout describing the
+                                       proxy file X509_USER_PROXY names (report_proxy)
 
 Its stdout is its arguments joined by spaces and a newline, what ``echo "$@"`` prints.
 
@@ -30,7 +32,7 @@ from twisted.internet.defer import Deferred, succeed
 from gwms import classads
 from gwms.startd.process import JobResult, Usage, check_job_arguments
 
-__all__ = ["FAKE_PEAK_RSS_KB", "FakeJobProcess", "fake_output_content"]
+__all__ = ["FAKE_PEAK_RSS_KB", "FakeJobProcess", "fake_output_content", "report_proxy"]
 
 # Above Linux's largest pid_max (2**22): a fake pid can never name a real process, so nothing
 # that gets hold of one can signal somebody else's process by mistake.
@@ -43,6 +45,26 @@ _USER_SHARE, _SYS_SHARE = 0.9, 0.05
 def fake_output_content(job: Any, name: str) -> bytes:
     """What a fake job writes into each of its ``+FakeOutputs`` files."""
     return f"output {name} of job {job.get('ClusterId')}.{job.get('ProcId')}\n".encode()
+
+
+def report_proxy(env: Mapping[str, str], when: str) -> str:
+    """The line a ``+FakeReportProxy`` job writes: ``proxy at <when>: path=... mode=600
+    uid=... gid=... subject=<leaf DN> identity=<end-entity DN> limited=<bool> notAfter=<epoch>``
+    (``proxy at <when>: none`` without X509_USER_PROXY, ``... error=...`` if it cannot read it)."""
+    from gwms.credentials import x509
+
+    path = env.get("X509_USER_PROXY")
+    if not path:
+        return f"proxy at {when}: none\n"
+    try:
+        st = os.stat(path)
+        cred = x509.load_credential(path)
+        info = x509.inspect_chain([cred.cert, *cred.chain])
+    except (OSError, x509.CredentialError) as e:
+        return f"proxy at {when}: path={path} error={e}\n"
+    return (f"proxy at {when}: path={path} mode={st.st_mode & 0o777:o} uid={st.st_uid} gid={st.st_gid} "
+            f"key={cred.key is not None} subject={info.subject} identity={info.identity} "
+            f"limited={info.limited} notAfter={int(info.not_after.timestamp())}\n")
 
 
 class _BadFakeAttribute(ValueError):
@@ -118,9 +140,15 @@ class FakeJobProcess:
             self._write(self._stderr, f"gwms: cannot execute fake job: {e}\n".encode())
             self._exit = self._reactor.callLater(0, self._end, 126, None, str(e))
             return
-        self._write(self._stdout, (" ".join(self._argv[1:]) + "\n").encode())
+        stdout = " ".join(self._argv[1:]) + "\n"
+        if self._reports_proxy():
+            stdout += report_proxy(self._env, "start")
+        self._write(self._stdout, stdout.encode())
         self._write(self._stderr, stderr.encode())
         self._exit = self._reactor.callLater(run_time, self._exit_normally, exit_code)
+
+    def _reports_proxy(self) -> bool:
+        return "FakeReportProxy" in self._job and classads.evaluate(self._job, "FakeReportProxy") is True
 
     def kill(self, grace: float = 10.0) -> Deferred[JobResult]:
         """SIGTERM now; a job with ``+FakeIgnoreSigterm`` lives on until SIGKILL after ``grace``.
@@ -157,6 +185,12 @@ class FakeJobProcess:
         for name in (n.strip() for n in _text(self._job, "FakeOutputs").split(",")):
             if name:
                 self._write(self._sandbox / os.path.basename(name), fake_output_content(self._job, name))
+        if self._reports_proxy() and self._stdout != Path(os.devnull):
+            try:
+                with open(self._stdout, "ab") as f:
+                    f.write(report_proxy(self._env, "exit").encode())
+            except FileNotFoundError:  # the sandbox is gone already
+                pass
         self._end(exit_code, None)
 
     def _end(self, exit_code: int | None, exit_signal: int | None, exec_error: str | None = None) -> None:

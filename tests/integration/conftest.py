@@ -126,3 +126,16 @@ def run_gwms(*args: str, env: dict[str, str] | None = None, timeout: float = 60)
 @pytest.fixture
 def gwms_cli():
     return run_gwms
+
+
+@pytest.fixture
+def shared():
+    """A world-traversable directory (pytest's tmp_path is root's only) for what other users
+    must reach: a schedd's socket, their job directories, a startd's execute directory."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="gwms-users-"))
+    base.chmod(0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)

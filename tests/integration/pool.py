@@ -47,19 +47,21 @@ unix_socket = "{socket_dir}/schedd.sock"
 spool = "{workdir}/spool"
 update_interval = 2
 periodic_interval = {periodic_interval}
+proxy_check_interval = {proxy_check_interval}
 reconnect_interval = 0.5
 address_file = "{workdir}/schedd.address"
 
 [startd]
 listen = "127.0.0.1:0"
 name = "{startd_name}"
-execute = "{workdir}/execute-{startd_name}"
+execute = "{execute_dir}"
 slots = {slots}
 partitionable = {partitionable}
 cpus = {cpus}
 memory = 4096
 update_interval = 5
 address_file = "{workdir}/startd-{startd_name}.address"
+{startd_extra}
 """
 
 HOST_DN = "/O=gwms/OU=Hosts/CN=localhost"
@@ -80,8 +82,12 @@ class Pool:
 def write_config(path: Path, creds: Any, workdir: Path, collector: str, collector_listen: str,
                  slots: int = 4, partitionable: bool = False, cpus: int = 4, startd_name: str = "wn1",
                  negotiator_interval: float = 2, periodic_interval: float = 2,
-                 socket_dir: Path | None = None) -> Path:
-    path.write_text(POOL_CONFIG.format(socket_dir=socket_dir or workdir,
+                 socket_dir: Path | None = None, proxy_check_interval: float = 30,
+                 execute_dir: Path | None = None, startd_extra: str = "") -> Path:
+    """``execute_dir``: the startd's (default: under ``workdir``); ``startd_extra``: more
+    ``[startd]`` lines (e.g. an identity switch)."""
+    path.write_text(POOL_CONFIG.format(socket_dir=socket_dir or workdir, proxy_check_interval=proxy_check_interval,
+        execute_dir=execute_dir or f"{workdir}/execute-{startd_name}", startd_extra=startd_extra,
         collector=collector, collector_listen=collector_listen, ca=creds.ca, cert=creds.host_cert,
         key=creds.host_key, workdir=workdir, host=HOST_DN, slots=slots,
         partitionable="true" if partitionable else "false", cpus=cpus, startd_name=startd_name,

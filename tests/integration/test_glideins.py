@@ -224,3 +224,25 @@ def test_a_factory_ignores_and_audits_a_frontend_that_is_not_allowed(tmp_path, s
     assert [(r["entry"], r["req_idle"] > 0) for r in requests] == [("siteC@external-factory", True)]
     assert "factory: submitted" not in factory.log_text()
     assert not glidein_dirs(factory_dir / "work")
+
+
+def test_a_glidein_with_only_a_token_joins_and_runs_jobs(tmp_path, start_daemon, gwms_cli):
+    """pilot_token: the glidein holds a pool-signed token for ADVERTISE_STARTD and no certificate;
+    its startd serves TLS with a certificate of its own, which the schedd knows by the
+    fingerprint in the slot ad (advertised with the token)."""
+    config = pool_config(tmp_path, idle=8)
+    text = config.read_text()
+    text = text.replace('[security.ADVERTISE_STARTD]\nallow = ["/O=gwms/OU=Pilots/CN=glidein"]',
+                        '[security.ADVERTISE_STARTD]\nallow_regex = ["glidein-.*@demo-factory"]')
+    text = text.replace('[factory.entry.siteA]\ngrid = "local"', '[factory.entry.siteA]\ngrid = "local"\npilot_token = true')
+    text = text.replace('[factory.entry.siteB]', '[factory.entry.siteB]\nenabled = false')
+    config.write_text(text)
+    pool = start_pool(start_daemon, config, tmp_path)
+    env = {**os.environ, "GWMS_CONFIG": str(config)}
+    cluster = submit(gwms_cli, env, tmp_path / "jobs", 2)
+    done = wait_until(lambda: (h := history(gwms_cli, env, cluster)) and len(h) == 2 and h, 120,
+                      "the jobs to complete in token glideins")
+    assert sorted((j["ProcId"], j["ExitCode"]) for j in done) == [(0, 0), (1, 0)]
+    slots = json.loads(gwms_cli("status", "--json", "--pool", pool.address, env=env).stdout)
+    assert slots and all(s["AuthenticatedIdentity"].startswith("glidein-siteA-") for s in slots)
+    assert all(len(s["TLSCertificateSHA256"]) == 64 for s in slots)

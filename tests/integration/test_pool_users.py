@@ -5,71 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
-import shutil
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
-
-import pytest
 
 from pool import start_pool
+from users import USERS, as_user, ensure_user, needs_root_and_users
 
-USERS = ("gwms-alice", "gwms-bob")
-
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("useradd") or not shutil.which("runuser"),
-                                reason="needs root with useradd and runuser to create test users")
-
-
-def ensure_user(name: str) -> pwd.struct_passwd:
-    try:
-        return pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/sh", name], check=True)
-        return pwd.getpwnam(name)
-
-
-@pytest.fixture
-def shared(tmp_path):
-    """A world-traversable directory for the schedd socket and the users' job directories."""
-    base = Path(tempfile.mkdtemp(prefix="gwms-users-"))
-    base.chmod(0o755)
-    yield base
-    shutil.rmtree(base, ignore_errors=True)
-
-
-def _world_reachable(path: Path) -> bool:
-    """Whether any user can reach ``path``: every directory above it has the x bit for others."""
-    path = path.resolve()
-    return all(p.stat().st_mode & 0o001 for p in path.parents) and path.stat().st_mode & 0o005 == 0o005
-
-
-def user_python() -> tuple[str, list[str]]:
-    """An interpreter other users may run, and the import path that gives it gwms and its
-    dependencies. The venv's interpreter may live under /root (pyenv); then the system Python of
-    the same version is used with the venv's site-packages."""
-    import site
-    import sysconfig
-
-    paths = [p for p in os.environ["PYTHONPATH"].split(os.pathsep) if p] + [sysconfig.get_paths()["purelib"]]
-    paths += [p for p in site.getsitepackages() if p not in paths]
-    if not all(_world_reachable(Path(p)) for p in paths if Path(p).exists()):
-        pytest.skip("the source tree or site-packages is not readable by other users")
-    if _world_reachable(Path(sys.executable)):
-        return sys.executable, paths
-    system = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
-    if system.exists():
-        return str(system), paths
-    pytest.skip(f"no Python {sys.version_info.major}.{sys.version_info.minor} that other users may run")
-
-
-def as_user(user: str, *args: str, socket: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    python, paths = user_python()
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": os.pathsep.join(paths),
-           "GWMS_SCHEDD": f"unix:{socket}", "HOME": str(cwd)}
-    return subprocess.run(["runuser", "-u", user, "--", python, "-m", "gwms", *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=60)
+pytestmark = needs_root_and_users
 
 
 def test_one_user_cannot_touch_anothers_jobs_and_files_are_read_with_the_owners_rights(

@@ -181,6 +181,10 @@ def test_now_defaults_to_the_clock() -> None:
         ("notification = error", "JobNotification", 3),
         ("notification = never", "JobNotification", 0),
         ("job_lease_duration = 600", "JobLeaseDuration", 600),
+        ("delegate_job_GSI_credentials_lifetime = 3600", "DelegateJobGSICredentialsLifetime", 3600),
+        ("DELEGATE_JOB_GSI_CREDENTIALS_LIFETIME = 0", "DelegateJobGSICredentialsLifetime", 0),
+        ("delegate_limited_proxy = true", "DelegateLimitedProxy", True),
+        ("delegate_limited_proxy = no", "DelegateLimitedProxy", False),
         ("universe = vanilla", "JobUniverse", 5),
         ("universe = VANILLA", "JobUniverse", 5),
         ("+ProjectName = \"cms\"", "ProjectName", "cms"),
@@ -214,6 +218,12 @@ def test_when_to_transfer_output_with_no_transfer_is_an_error() -> None:
         ("job_lease_duration = soon", "integer"),
         ("job_lease_duration = -5", "out of range"),
         ("job_lease_duration = " + "1" * 5000, "out of range"),
+        ("delegate_job_GSI_credentials_lifetime = soon", "integer"),
+        ("delegate_job_GSI_credentials_lifetime = 1h", "integer"),
+        ("delegate_job_GSI_credentials_lifetime = 3600.5", "integer"),
+        ("delegate_job_GSI_credentials_lifetime = -1", "out of range"),
+        ("delegate_job_GSI_credentials_lifetime = 99999999999999999999", "out of range"),
+        ("delegate_limited_proxy = limited", "true or false"),
     ],
 )
 def test_bad_enumerated_values_are_errors(line: str, words: str) -> None:
@@ -239,6 +249,18 @@ def test_absolute_initialdir_log_and_proxy() -> None:
     assert value(ad, "Iwd") == "/scratch/a"
     assert value(ad, "UserLog") == "/var/log/j.log"
     assert value(ad, "x509userproxy") == "/tmp/x509up_u1"
+
+
+def test_delegation_commands_are_recorded_only_when_given() -> None:
+    ad = job(EXE + "x509userproxy = /tmp/x509up_u1\nqueue")
+    assert "DelegateJobGSICredentialsLifetime" not in ad and "DelegateLimitedProxy" not in ad  # 24 h, full
+
+
+@pytest.mark.parametrize("line", ["+x509UserProxySubject = \"/CN=root\"", "MY.x509userproxyexpiration = 9",
+                                  "+DelegateLimitedProxy = false", "+DelegateJobGSICredentialsLifetime = 5"])
+def test_proxy_attributes_cannot_be_set_directly(line: str) -> None:
+    e = fails(f"{EXE}{line}\nqueue")
+    assert e.line == 2 and "cannot be set" in str(e)
 
 
 def test_log_is_absolute_against_iwd() -> None:
