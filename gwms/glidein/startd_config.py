@@ -278,6 +278,9 @@ def startd_config_text(config: GlideinConfig, now: float | None = None) -> str:
         except classads.ClassAdError as e:
             raise GlideinConfigError(f"{key}: not a ClassAd expression: {e}") from None
 
+    identity_switch = v.get("GLIDEIN_Identity_Switch") or "none"
+    if identity_switch not in ("none", "setuid", "glexec"):
+        raise GlideinConfigError(f"GLIDEIN_Identity_Switch must be none, setuid or glexec, not {identity_switch!r}")
     lines = [
         "# Written by gwms.glidein.startd_config from the glidein's glidein_config.",
         "[pool]",
@@ -302,6 +305,12 @@ def startd_config_text(config: GlideinConfig, now: float | None = None) -> str:
         f"retire_after = {retire_after}",
         f"max_lifetime = {max_lifetime}",
         f"max_idle = {max_idle}",
+        # The glidein's own credential: the startd keeps it 0600, and a switching plugin makes
+        # sure no job can read it.
+        f"pilot_credential = {toml_string(credential)}",
+        # none (the default: one Owner's jobs per glidein), setuid or glexec, from the entry's
+        # attributes: what the site's nodes allow.
+        f"identity_switch = {toml_string(identity_switch)}",
         "",
         "[startd.attributes]",
         *(f"{key} = {toml_string(text)}" for key, text in attributes.items()),

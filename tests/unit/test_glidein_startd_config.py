@@ -196,6 +196,7 @@ def test_the_startd_configuration_has_pool_security_and_startd_sections(glide: P
         "name": "glidein-7", "listen": "127.0.0.1:0", "execute": str(glide / "execute"), "cpus": 4,
         "memory": 8000, "partitionable": True, "address_file": str(glide / "startd.address"),
         "retire_after": 2900, "max_lifetime": 3500, "max_idle": 1200,
+        "pilot_credential": str(credential), "identity_switch": "none",
     }
     assert attributes == {
         "GLIDEIN_Name": '"glidein-7"', "GLIDEIN_Entry_Name": '"ITB_Test"', "GLIDEIN_Factory": '"fact1"',
@@ -380,3 +381,14 @@ def test_write_startd_config_replaces_the_file_atomically(glide: Path, credentia
     out.write_text("old")
     assert write_startd_config(config, out, now=NOW) == out
     assert tomllib.loads(out.read_text())["startd"]["max_lifetime"] == 3500
+
+
+def test_the_startd_keeps_the_pilot_credential_and_switches_identity_as_the_entry_says(
+        glide: Path, credential: Path) -> None:
+    startd = render(base_config(glide, credential))["startd"]
+    assert (startd["identity_switch"], startd["pilot_credential"]) == ("none", str(credential))
+    assert render(base_config(glide, credential, GLIDEIN_Identity_Switch="glexec"))["startd"]["identity_switch"] == \
+        "glexec"
+    with pytest.raises(GlideinConfigError) as e:
+        render(base_config(glide, credential, GLIDEIN_Identity_Switch="sudo"))
+    assert "GLIDEIN_Identity_Switch must be none, setuid or glexec, not 'sudo'" in str(e.value)
