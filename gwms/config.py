@@ -218,6 +218,7 @@ ENTRY_KEYS: dict[str, Key] = {
     "failure_backoff": Key("float", 300.0, "Seconds a glidein that failed validation holds its batch slot before "
                                            "exiting, so that a broken node does not take the next one."),
     "credential": Key("path", None, "This entry's pilot credential (default: [factory] credential)."),
+    "credential_margin": Key("float", 300.0, "Seconds before its credential expires that a glidein shuts down."),
     "pilot_token": Key("bool", False, "Give each glidein a token of its own instead of a credential: pool-signed, "
                                       "for ADVERTISE_STARTD only, subject glidein-<id>@<factory>, for the glidein's "
                                       "lifetime (needs [factory] token_signing_key)."),

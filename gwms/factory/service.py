@@ -431,7 +431,8 @@ class Factory:
                 "-factory", self.name, "-client", request.client, "-name", glidein_id,
                 "-collectors", request.collectors, "-lifetime", str(int(s["max_walltime"])),
                 "-retire", str(int(0.9 * s["max_walltime"])), "-idle", str(int(s["max_idle_time"])),
-                "-failure_backoff", str(int(s["failure_backoff"])), "-listen", s["worker_listen"]]
+                "-failure_backoff", str(int(s["failure_backoff"])), "-listen", s["worker_listen"],
+                "-credential_margin", str(int(s["credential_margin"]))]
         for identity in request.trusted:
             args += ["-trusted", identity]
         if request.client_files is not None:

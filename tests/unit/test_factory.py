@@ -161,6 +161,7 @@ def test_the_factory_keeps_the_requested_idle_glideins_and_advertises_its_entrie
     args = list(next(iter(env.grid.submissions.values())).arguments)
     assert args[args.index("-collectors") + 1] == "pool.memory:9618"
     assert args[args.index("-trusted") + 1] == "/CN=schedd" and args[args.index("-client") + 1] == "frontend1.main"
+    assert args[args.index("-credential_margin") + 1] == "300" and args[args.index("-lifetime") + 1] == "86400"
     env.cycle()  # still 5 idle: nothing more
     assert env.states() == {QUEUED: 5}
     env.grid.start(3)
