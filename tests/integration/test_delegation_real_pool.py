@@ -29,6 +29,7 @@ WATCH = """#!/bin/sh
 # Report the proxy's notAfter at start, then wait (up to 30 s) until it changes.
 first=$(openssl x509 -noout -enddate -in "$X509_USER_PROXY")
 echo "first $first"
+[ -n "$1" ] && touch "$1"  # tells the test it has read its first proxy
 i=0
 while [ $i -lt 300 ]; do
     now=$(openssl x509 -noout -enddate -in "$X509_USER_PROXY" 2>/dev/null)
@@ -72,10 +73,10 @@ def _job(gwms_cli, pool, job="1.0"):
     return history[0] if history else None
 
 
-def _submit(gwms_cli, pool, jobdir, script):
+def _submit(gwms_cli, pool, jobdir, script, arguments=""):
     (jobdir / "job.sh").write_text(script)
     (jobdir / "job.sh").chmod(0o755)
-    (jobdir / "job.sub").write_text(SUBMIT.format(script="job.sh"))
+    (jobdir / "job.sub").write_text(SUBMIT.format(script="job.sh").replace("queue", f"arguments = {arguments}\nqueue"))
     submitted = gwms_cli("submit", str(jobdir / "job.sub"), env=pool.env)
     assert submitted.returncode == 0, submitted.stderr
 
@@ -102,9 +103,8 @@ def test_a_refreshed_proxy_reaches_the_running_job(pool, creds, tmp_path, gwms_c
     jobdir.mkdir()
     creds.proxy("alice", jobdir / "x509up", hours=12)
     first = x509.load_credential(jobdir / "x509up")
-    _submit(gwms_cli, pool, jobdir, WATCH)
-    wait_until(lambda: (j := _job(gwms_cli, pool)) and j["JobStatus"] == 2, 20, "the job to run")
-    time.sleep(0.5)  # the job has read its first proxy
+    _submit(gwms_cli, pool, jobdir, WATCH, arguments=str(jobdir / "read-first"))
+    wait_until(lambda: (jobdir / "read-first").exists(), 20, "the job to read its first proxy")
     creds.proxy("alice", jobdir / "x509up", hours=20)  # the user refreshes the file (atomically)
     refreshed = time.time()
     second = x509.load_credential(jobdir / "x509up")

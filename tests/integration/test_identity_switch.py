@@ -9,7 +9,6 @@ import json
 import os
 import re
 import stat
-import time
 from pathlib import Path
 
 import pytest
@@ -177,8 +176,11 @@ def test_none_takes_one_users_jobs_unless_shared_identity_is_allowed(
     first = users.submit("gwms-alice", "id.sub", job)
     assert users.wait("gwms-alice", first)["ExitCode"] == 0
     second = users.submit("gwms-bob", "id.sub", job)
-    # The startd's account is alice's now: its slot takes her jobs only, bob's waits.
-    time.sleep(6)  # three negotiation cycles
+    # The startd's account is alice's now: its slot takes her jobs only, bob's waits, through
+    # three more negotiation cycles.
+    negotiator = pool.daemons["negotiator"]
+    cycles = negotiator.log_text().count("cycle: ")
+    wait_until(lambda: negotiator.log_text().count("cycle: ") >= cycles + 3, 30, "three negotiation cycles")
     assert users.status("gwms-bob", second) == 1
     (slot,) = json.loads(gwms_cli("status", "--json", env=pool.env).stdout)
     assert 'TARGET.Owner is "gwms-alice"' in str(slot["Start"])
