@@ -241,3 +241,30 @@ def test_glexec_helper_runs_the_job_as_the_mapped_account(creds, tmp_path, start
     err = (users.dirs["gwms-alice"] / "bob.err").read_text()
     assert "gwms-glexec: the job maps to 'gwms-bob'" in err and "refusing to run it there" in err
     del pool
+
+
+PROXY_JOB = """#!/bin/sh
+id -un
+stat -c '%a %U' "$X509_USER_PROXY"
+openssl x509 -noout -subject -nameopt compat -in "$X509_USER_PROXY"
+"""
+
+
+def test_setuid_and_delegation_the_job_gets_its_proxy_as_its_own_account(
+        creds, tmp_path, start_daemon, shared, users, accounts):
+    alice = accounts["gwms-alice"]
+    mapfile = tmp_path / "worker-grid-mapfile"
+    mapfile.write_text(f'"{ALICE_DN}" gwms-alice\n')
+    start_pool(creds, tmp_path, start_daemon, slots=1, cpus=1, socket_dir=shared, execute_dir=shared / "execute",
+               startd_extra=f'identity_switch = "setuid"\ngrid_mapfile = "{mapfile}"\n')
+    proxy = creds.proxy("alice", users.dirs["gwms-alice"] / "x509up")
+    os.chown(proxy, alice.pw_uid, alice.pw_gid)  # the user's own proxy, 0600: the schedd reads it as her
+    users.write("gwms-alice", "proxy.sh", PROXY_JOB, 0o755)
+    cluster = users.submit("gwms-alice", "proxy.sub", "executable = proxy.sh\nx509userproxy = x509up\n"
+                                                      "output = proxy.out\nerror = proxy.err\nqueue\n")
+    job = users.wait("gwms-alice", cluster)
+    out = (users.dirs["gwms-alice"] / "proxy.out").read_text().splitlines()
+    assert job["ExitCode"] == 0, (out, (users.dirs["gwms-alice"] / "proxy.err").read_text())
+    assert out[:2] == ["gwms-alice", "600 gwms-alice"]
+    assert out[2].startswith(f"subject={ALICE_DN}/CN=")  # delegated: one proxy level below hers
+    assert job["x509UserProxySubject"] == ALICE_DN and job["RemoteAccount"] == "gwms-alice"
