@@ -944,6 +944,16 @@ def _check_signature(cert: x509.Certificate, issuer: x509.Certificate) -> None:
                               f"{e}") from None
 
 
+def _check_links(chain: Sequence[x509.Certificate]) -> None:
+    """Each certificate names the next as its issuer and carries its signature."""
+    for cert, issuer in zip(chain, chain[1:]):
+        if cert.issuer != issuer.subject:
+            what = "proxy" if is_proxy(cert) else "certificate"
+            raise CredentialError(f"{what} {_dn(cert)} was not issued by {_dn(issuer)}: its "
+                                  f"issuer name is {dn_string(cert.issuer)}")
+        _check_signature(cert, issuer)
+
+
 def verify_chain(chain: Sequence[x509.Certificate], trusted: Sequence[x509.Certificate],
                  now: _dt.datetime | None = None) -> ChainInfo:
     """Verify a leaf-first chain up to one of the ``trusted`` CA certificates.
@@ -965,12 +975,7 @@ def verify_chain(chain: Sequence[x509.Certificate], trusted: Sequence[x509.Certi
 
     for cert in chain:
         _check_validity(cert, now)
-    for cert, issuer in zip(chain, chain[1:]):
-        if cert.issuer != issuer.subject:
-            what = "proxy" if is_proxy(cert) else "certificate"
-            raise CredentialError(f"{what} {_dn(cert)} was not issued by {_dn(issuer)}: its "
-                                  f"issuer name is {dn_string(cert.issuer)}")
-        _check_signature(cert, issuer)
+    _check_links(chain)
 
     top = chain[-1]
     if anchor is None:
@@ -1018,12 +1023,7 @@ def inspect_chain(chain: Sequence[x509.Certificate], now: _dt.datetime | None = 
         now = _utcnow(now)
         for cert in chain:
             _check_validity(cert, now)
-    for cert, issuer in zip(chain, chain[1:]):
-        if cert.issuer != issuer.subject:
-            what = "proxy" if is_proxy(cert) else "certificate"
-            raise CredentialError(f"{what} {_dn(cert)} was not issued by {_dn(issuer)}: its "
-                                  f"issuer name is {dn_string(cert.issuer)}")
-        _check_signature(cert, issuer)
+    _check_links(chain)
     return _proxy_rules(chain)
 
 

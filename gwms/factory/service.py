@@ -40,7 +40,7 @@ from gwms import classads
 from gwms.config import ConfigError, HostConfig
 from gwms.factory.grid import FINISHED, HELD, QUEUED, RUNNING, GlideinSubmission, GridStatus
 from gwms.factory.records import IDLE_STATES, REMOVING, Glidein, GlideinRecords
-from gwms.protocols.client import CollectorList, query_ads
+from gwms.protocols.client import CollectorList, first_failure, query_ads
 
 log = Logger()
 
@@ -496,11 +496,9 @@ class Factory:
             ads += self.client_ads(entry)
         results = yield defer.DeferredList([self.collectors.advertise(ad, "ADVERTISE_FACTORY") for ad in ads],
                                            consumeErrors=True)
-        for _ok, per_collector in results:
-            for r in per_collector if isinstance(per_collector, list) else [per_collector]:
-                if hasattr(r, "getErrorMessage"):
-                    log.warn("factory: advertising failed: {error}", error=r.getErrorMessage())
-                    return
+        error = first_failure(results)
+        if error is not None:
+            log.warn("factory: advertising failed: {error}", error=error)
 
 
 def publish_entry_files(config: HostConfig, store: Path) -> dict[str, str]:

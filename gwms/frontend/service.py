@@ -25,7 +25,7 @@ from gwms.config import ConfigError, HostConfig
 from gwms.daemon import DaemonOptions, client_security
 from gwms.frontend.pressure import (CycleResult, EntryRequest, FactoryCounts, FactoryEntry, FrontendLimits,
                                     GroupConfig, compute_requests)
-from gwms.protocols.client import Address, CollectorList, query_ads
+from gwms.protocols.client import Address, CollectorList, first_failure, query_ads
 from gwms.protocols.messages import Limits
 
 log = Logger()
@@ -219,11 +219,9 @@ class Frontend:
             query["Name"] = f"{entry}@{self.client_name(group)}"
             calls.append(self.glidein_collectors.advertise(query, "ADVERTISE_FRONTEND", command="INVALIDATE"))
         results = yield defer.DeferredList(calls, consumeErrors=True)
-        for _ok, per_collector in results:
-            for r in per_collector if isinstance(per_collector, list) else [per_collector]:
-                if hasattr(r, "getErrorMessage"):
-                    log.warn("frontend: advertising a request failed: {error}", error=r.getErrorMessage())
-                    return
+        error = first_failure(results)
+        if error is not None:
+            log.warn("frontend: advertising a request failed: {error}", error=error)
 
 
 class FrontendService(service.MultiService):

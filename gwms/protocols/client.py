@@ -257,6 +257,16 @@ class CollectorList:
             c.close()
 
 
+def first_failure(results: Sequence[Any]) -> str | None:
+    """The first error in what ``DeferredList`` of ``CollectorList.advertise`` calls fired with
+    (each a list with one reply or Failure per collector), or None if all went through."""
+    for _ok, per_collector in results:
+        for r in per_collector if isinstance(per_collector, list) else [per_collector]:
+            if hasattr(r, "getErrorMessage"):
+                return str(r.getErrorMessage())
+    return None
+
+
 def query_ads(collectors: CollectorList, ad_type: str, constraint: str | None = None,
               projection: Sequence[str] = (), private: bool = False) -> defer.Deferred[list[classads.ClassAd]]:
     """The ads of a type (``"any"`` for all) that satisfy a constraint."""
