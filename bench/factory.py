@@ -73,7 +73,7 @@ def main() -> None:
     from gwms.config import parse_config
     from gwms.factory.grid import QUEUED, RUNNING, GridStatus
     from gwms.factory.records import Glidein, GlideinRecords
-    from gwms.factory.service import Factory
+    from gwms.factory.cycle import Factory
     from gwms.protocols.client import Address, CollectorList
     from gwms.protocols.messages import Limits, MessageServerFactory
     from gwms.testing.grid import FakeGridSubmitter

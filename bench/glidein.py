@@ -5,7 +5,7 @@ for the pilot DN only), publishes an entry's glidein files as the factory does (
 validation scripts, the CA, an attributes file) into a store served by ``GlideinFilesResource``
 from a child process, and starts glideins the way the factory's ``local`` grid does: the
 ``gwms.plugins.grid_local.WRAPPER`` shell, as a new session, running ``sh glidein_startup.sh``
-with the options ``FactoryService.glidein_arguments`` gives, a staged copy of the pilot credential
+with the options ``gwms.factory.cycle.Factory.glidein_arguments`` gives, a staged copy of the pilot credential
 (``gwms.pool.ensure_credentials``) and ``-python`` this Python (which has gwms).
 
 Latency: from the moment the wrapper is started until the glidein's slot ad is in the collector
@@ -242,7 +242,7 @@ def main() -> None:
 
     from gwms.cli.demo import twistd_command, wait_for_file
     from gwms.config import parse_config
-    from gwms.glidein.files import publish, startup_script, stock_validation_scripts
+    from gwms.glidein.files import startup_script
     from gwms.plugins.grid_local import WRAPPER
     from gwms.pool import HOST_DN, PILOT_DN, ensure_credentials
     from gwms.protocols.client import Address, ClientSecurity, CollectorList, query_ads
@@ -266,13 +266,18 @@ def main() -> None:
         background.append(collector)
         collector_address = wait_for_file(work / "collector.address", collector, 30, log)
 
-        # --- the store, published as publish_entry_files does, and its web server
+        # --- the store, published by the factory's own code, and its web server
+        from gwms.config import parse_config
+        from gwms.factory.cycle import Factory, Request
+        from gwms.factory.service import publish_entry_files
+
+        attributes = ", ".join(f"{k} = {json.dumps(v)}" for k, v in ATTRIBUTES.items())
+        factory_config = parse_config(
+            f'[pool]\nca = "{creds["ca"]}"\n[factory]\nname = "{FACTORY}"\n[factory.entry.{ENTRY}]\n'
+            f"attributes = {{ {attributes} }}\nmax_walltime = {MAX_WALLTIME}\nmax_idle_time = {MAX_IDLE_TIME}\n"
+            f'failure_backoff = {FAILURE_BACKOFF}\nworker_listen = "{WORKER_LISTEN}"\n', "<bench>")
         store = work / "store"
-        attrs = {**ATTRIBUTES, "GLIDEIN_Max_Walltime": MAX_WALLTIME}
-        attrs_text = "".join(f"{k}={v}\n" for k, v in sorted(attrs.items()))
-        descript = publish(store, [*(("validate", p.name, p) for p in stock_validation_scripts()),
-                                   ("ca", "ca.pem", creds["ca"]),
-                                   ("attrs", "entry.attrs", attrs_text.encode())])
+        descript = publish_entry_files(factory_config, store)[ENTRY]
         web = subprocess.Popen([sys.executable, "-c", WEB_SERVER, str(store)], stdout=subprocess.PIPE,
                                stdin=subprocess.DEVNULL, text=True, env=clean_env(), start_new_session=True)
         background.append(web)
@@ -284,6 +289,11 @@ def main() -> None:
 
         env = clean_env()
         script = startup_script()
+        factory = Factory(None, factory_config, None, {}, None, web_url, "")
+        entry = factory.entries[ENTRY]
+        entry.description = descript
+        request = Request(client=CLIENT, identity=HOST_DN, idle=1, max_glideins=1, remove_excess="NO",
+                          collectors=collector_address, trusted=[HOST_DN])
 
         def submit(name: str) -> tuple[Path, float, float]:
             """What LocalGridSubmitter.submit does for one glidein; (its directory, wall and
@@ -294,11 +304,8 @@ def main() -> None:
             fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as out:
                 out.write(creds["pilot"].read_bytes())
-            options = ["-web", web_url, "-descript", descript, "-entry", ENTRY, "-factory", FACTORY,
-                       "-client", CLIENT, "-name", name, "-collectors", collector_address,
-                       "-lifetime", str(MAX_WALLTIME), "-retire", str(int(0.9 * MAX_WALLTIME)),
-                       "-idle", str(MAX_IDLE_TIME), "-failure_backoff", str(FAILURE_BACKOFF),
-                       "-listen", WORKER_LISTEN, "-trusted", HOST_DN,
+            # The factory's options for this glidein, then what the local grid adds.
+            options = [*factory.glidein_arguments(entry, request, name),
                        "-credential", str(staged), "-python", sys.executable, "-workdir", str(d)]
             wall, t0 = time.time(), time.perf_counter()
             glideins[name] = subprocess.Popen(["/bin/sh", "-c", WRAPPER, "gwms-local-glidein", str(d), str(script),

@@ -14,7 +14,7 @@ from gwms.collector.service import Collector
 from gwms.config import parse_config
 from gwms.factory.grid import HELD, QUEUED, RUNNING
 from gwms.factory.records import GlideinRecords
-from gwms.factory.service import Factory
+from gwms.factory.cycle import Factory
 from gwms.protocols.client import Address, CollectorList, query_ads
 from gwms.protocols.messages import Limits, MessageServerFactory
 from gwms.security import Auditor
