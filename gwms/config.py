@@ -75,6 +75,9 @@ POOL_KEYS: dict[str, Key] = {
     "request_timeout": Key("float", 60.0, "Seconds to wait for the reply to one command."),
     "idle_timeout": Key("float", 600.0, "Seconds a server keeps a connection that sends no complete frame."),
     "audit_log": Key("path", None, "File receiving one JSON line per authorization decision."),
+    "brokers": Key("addrlist", [], "GCB brokers (host:port of their registration service) a daemon registers with, "
+                                   "to be reachable through them from outside a firewall."),
+    "broker_only": Key("bool", False, "Listen on no port at all: reachable only through the brokers."),
 }
 
 SECURITY_KEYS: dict[str, Key] = {
@@ -262,6 +265,17 @@ GROUP_KEYS: dict[str, Key] = {
                                         "or ALL (glideinWMS's ReqRemoveExcess)."),
 }
 
+# `twistd -n gwms-gcb`: the connection broker for daemons that can only connect out.
+GCB_KEYS: dict[str, Key] = {
+    "listen": Key("address", "127.0.0.1:9630", "TCP address of the registration service (the message layer)."),
+    "tunnel_listen": Key("address", "127.0.0.1:9631", "TCP address where registered daemons open their tunnel."),
+    "public_host": Key("str", None, "Host name or address published for the relayed ports (default: the listen "
+                                    "host)."),
+    "registration_level": Key("str", "DAEMON", "Authorization level REGISTER needs (DAEMON; READ lets anyone "
+                                               "register, as the seed's GCB did)."),
+    "address_file": Key("path", None, "File the broker writes its registration address to once it listens."),
+}
+
 # `twistd -n gwms-pool`: every central role of a one-host pool in one process.
 ONEHOST_KEYS: dict[str, Key] = {
     "glidein_collector_listen": Key("address", "127.0.0.1:9619", "TCP address of the glidein collector (the "
@@ -287,6 +301,7 @@ SECTIONS: dict[str, dict[str, Key]] = {
     "factory": FACTORY_KEYS,
     "frontend": FRONTEND_KEYS,
     "onehost": ONEHOST_KEYS,
+    "gcb": GCB_KEYS,
 }
 
 

@@ -124,9 +124,7 @@ class MessageListener(service.Service):
             self.address = Address(host=addr.host, port=addr.port)
             log.info("listening on {address}", address=str(self.address))
             if self.address_file is not None:
-                tmp = self.address_file.with_suffix(".tmp")
-                tmp.write_text(str(self.address) + "\n")
-                os.replace(tmp, self.address_file)
+                write_address_file(self.address_file, str(self.address))
 
     def _listen_failed(self, failure: Any) -> None:
         log.failure("cannot listen", failure)
@@ -146,6 +144,13 @@ class MessageListener(service.Service):
         while self.factory.connections and self.reactor.seconds() < deadline:
             yield task.deferLater(self.reactor, 0.05, lambda: None)
         self.factory.security.auditor.close()
+
+
+def write_address_file(path: Path, address: str) -> None:
+    """Where a daemon can be reached, for tests and tools (written atomically)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(address + "\n")
+    os.replace(tmp, path)
 
 
 def message_factory(reactor: Any, config: HostConfig, commands: Iterable[Command]) -> MessageServerFactory:

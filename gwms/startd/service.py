@@ -26,7 +26,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from gwms import classads
-from gwms.config import HostConfig
+from gwms.config import ConfigError, HostConfig
 from gwms.daemon import DaemonOptions, MessageListener, collectors, message_factory
 from gwms.protocols.messages import Command, CommandError, Items, Request
 from gwms.protocols.transfer import TransferError, decode_chunk, encode_chunk
@@ -675,8 +675,26 @@ class StartdService(service.MultiService):
         tls = self.factory.security.tls
         self.startd.tls_pin = tls.fingerprint if tls is not None else None
         host, port = settings["listen"]
-        self.listener = MessageListener(reactor, self.factory, (host, port), None, settings["address_file"])
+        # With broker_only the startd listens on no port at all: schedds reach it through its
+        # brokers (gwms.gcb), which relay to it over the tunnels it opened.
+        tcp = None if config.pool["broker_only"] else (host, port)
+        self.listener = MessageListener(reactor, self.factory, tcp, None, settings["address_file"])
         self.listener.setServiceParent(self)
+        self.brokers = []
+        self.address_file = settings["address_file"]
+        if config.pool["brokers"]:
+            from gwms.daemon import client_security
+            from gwms.gcb.client import BrokerRegistration
+            from gwms.protocols.client import Address
+
+            for broker_host, broker_port in config.pool["brokers"]:
+                registration = BrokerRegistration(reactor, Address(host=broker_host, port=broker_port),
+                                                  f"startd@{self.startd.machine}", self.factory,
+                                                  client_security(config), self._broker_address)
+                registration.setServiceParent(self)
+                self.brokers.append(registration)
+        elif tcp is None:
+            raise ConfigError(f"{config.source}: [pool] broker_only needs [pool] brokers")
         self.update_interval = settings["update_interval"]
         self.grace = settings["shutdown_grace"]
         self._updates = LoopingCall(self.advertise_all)
@@ -710,13 +728,28 @@ class StartdService(service.MultiService):
         self.listener._listening.addCallback(self._listening)
 
     def _listening(self, _: Any) -> None:
-        self.startd.address = str(self.listener.address)
-        # The first ads go out at once (a glidein joins the pool sooner); later changes are
-        # coalesced (see advertise).
-        for name in list(self.startd.slots):
-            self._send_update(name)
+        if not self.brokers:
+            self._set_address(str(self.listener.address))
         self._updates.start(self.update_interval, now=False)
         self._housekeeping.start(self.housekeeping_interval, now=False)
+
+    def _broker_address(self, public: str) -> None:
+        """A broker registered this startd (again): its public address there is the contact;
+        the first broker's, while it has one."""
+        first = next((b.public for b in self.brokers if b.public), public)
+        if first != self.startd.address:
+            self._set_address(first)
+
+    def _set_address(self, address: str) -> None:
+        self.startd.address = address
+        if self.brokers and self.address_file is not None:
+            from gwms.daemon import write_address_file
+
+            write_address_file(self.address_file, address)
+        # The first ads (and those after a change of address) go out at once; later changes
+        # are coalesced (see advertise).
+        for name in list(self.startd.slots):
+            self._send_update(name)
 
     def advertise(self, slot: Slot) -> None:
         """Send the slot's ad on a change, coalescing changes that come within UPDATE_DELAY

@@ -7,7 +7,8 @@ from twisted.plugin import IPlugin, getPlugins
 from zope.interface.verify import verifyObject
 
 ROOT = Path(__file__).resolve().parents[2]
-ROLES = {"gwms-collector", "gwms-negotiator", "gwms-schedd", "gwms-startd", "gwms-factory", "gwms-frontend", "gwms-pool"}
+ROLES = {"gwms-collector", "gwms-negotiator", "gwms-schedd", "gwms-startd", "gwms-factory", "gwms-frontend", "gwms-pool",
+         "gwms-gcb"}
 
 
 def test_every_role_is_a_twistd_plugin_that_builds_its_service(tmp_path):

@@ -21,3 +21,6 @@ gwms_frontend = ServiceMaker(
 gwms_pool = ServiceMaker(
     "gwms pool", "gwms.pool", "A whole one-host pool in one process: collectors, negotiator, schedd, factory "
     "with local glideins, frontend.", "gwms-pool")
+gwms_gcb = ServiceMaker(
+    "gwms gcb", "gwms.gcb.broker", "The gwms connection broker: relays connections to daemons behind firewalls.",
+    "gwms-gcb")

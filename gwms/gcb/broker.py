@@ -1,0 +1,208 @@
+"""The connection broker (``twistd -n gwms-gcb --config FILE``), seed section 2.3.
+
+A daemon that can only connect out registers over the message layer (``GCB_REGISTER``, at the
+level ``[gcb] registration_level``, DAEMON by default: nobody can take over another daemon's
+name) and gets a port of its own on the broker and a one-time tunnel secret. It then opens a
+plain TCP tunnel to the broker (``GCB-TUNNEL <secret>`` as the first line); from then on the
+tunnel carries many relayed streams (``gwms.protocols.relay``: multiplexed, each with its own
+flow control). A connection to the daemon's port becomes one stream; the daemon's end runs
+its normal message layer on it, TLS included, so the broker sees only ciphertext.
+
+A name registered again (the daemon reconnecting, or the broker restarted) gets its old port
+back when it is free, and the old tunnel is closed.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from gwms import classads
+from gwms.config import HostConfig
+from gwms.daemon import DaemonOptions, MessageListener, message_factory
+from gwms.protocols.messages import Command, CommandError, Request
+
+log = Logger()
+
+TUNNEL_GREETING = b"GCB-TUNNEL "
+MAX_GREETING = 256
+
+
+@dataclass
+class Registration:
+    name: str
+    identity: str
+    secret: str
+    port: Any = None  # the listening port of the daemon's public address
+    mux: Any = None  # the tunnel, once the daemon has opened it
+
+
+
+class TunnelGreeting(Protocol):
+    """The first line of a tunnel names its registration's secret; the rest is the mux."""
+
+    def __init__(self, broker: "Broker") -> None:
+        self.broker = broker
+        self.buffer = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        if b"\n" not in self.buffer:
+            if len(self.buffer) > MAX_GREETING:
+                log.warn("gcb: a tunnel sent no greeting line: closed")
+                self.transport.loseConnection()
+            return
+        line, _, rest = self.buffer.partition(b"\n")
+        if not line.startswith(TUNNEL_GREETING):
+            log.warn("gcb: a tunnel greeted with {line!r}: closed", line=line[:40])
+            self.transport.loseConnection()
+            return
+        registration = self.broker.by_secret(line[len(TUNNEL_GREETING):].decode("ascii", "replace").strip())
+        if registration is None:
+            log.warn("gcb: a tunnel with an unknown secret: closed")
+            self.transport.loseConnection()
+            return
+        mux = self.broker.make_mux()
+        self.transport.protocol = mux  # from here on the connection speaks the mux
+        mux.makeConnection(self.transport)
+        self.broker.tunnel_up(registration, mux)
+        if rest:
+            mux.dataReceived(rest)
+
+
+class RegistrationRelay(Factory):
+    """A registered daemon's public port: each connection becomes a stream of its tunnel (none
+    while the daemon has not opened its tunnel: the connection is refused)."""
+
+    def __init__(self, registration: Registration) -> None:
+        self.registration = registration
+
+    def buildProtocol(self, addr: Any) -> Any:
+        from gwms.protocols.relay import RelayedConnection
+
+        mux = self.registration.mux
+        if mux is None or mux.transport is None:
+            log.info("gcb: {name} has no tunnel: connection from {peer} refused", name=self.registration.name,
+                     peer=str(addr))
+            return None
+        return RelayedConnection(mux)
+
+
+class Broker:
+    """The broker's registrations and commands, independent of how it is run."""
+
+    def __init__(self, reactor: Any, config: HostConfig, make_mux: Callable[[], Any]) -> None:
+        self.reactor = reactor
+        settings = config.section("gcb")
+        self.settings = settings
+        self.public_host = settings["public_host"] or settings["listen"][0]
+        self.make_mux = make_mux
+        self.registrations: dict[str, Registration] = {}
+        self.tunnel_address = ""
+
+    def commands(self) -> list[Command]:
+        return [Command("GCB_REGISTER", self.settings["registration_level"], self.register)]
+
+    def by_secret(self, secret: str) -> Registration | None:
+        for registration in self.registrations.values():
+            if secrets.compare_digest(registration.secret, secret):
+                return registration
+        return None
+
+    @defer.inlineCallbacks
+    def register(self, request: Request) -> Any:
+        name = request.ad.get("Name")
+        if not isinstance(name, str) or not name or len(name) > 200:
+            raise CommandError("MALFORMED_AD", "GCB_REGISTER needs a Name (a string of at most 200 characters)")
+        identity = request.identity.name
+        old = self.registrations.get(name)
+        if old is not None and old.identity != identity:
+            raise CommandError("PERMISSION_DENIED", f"{name} is registered by {old.identity}, not {identity}")
+        # The port it had: from this broker's memory, or (after a restart of the broker) as the
+        # daemon remembers it, so that its address, and every connection to it, stays valid.
+        wanted = old.port.getHost().port if old is not None and old.port is not None else 0
+        asked = request.ad.get("WantPort")
+        if not wanted and isinstance(asked, int) and not isinstance(asked, bool) and 1024 <= asked < 65536:
+            wanted = asked
+        if old is not None:
+            self.drop(old)
+        registration = Registration(name, identity, secrets.token_hex(32))
+        host = self.settings["listen"][0]
+        try:
+            registration.port = yield TCP4ServerEndpoint(self.reactor, wanted, interface=host).listen(
+                RegistrationRelay(registration))
+        except Exception:  # the old port is taken: any other
+            registration.port = yield TCP4ServerEndpoint(self.reactor, 0, interface=host).listen(
+                RegistrationRelay(registration))
+        self.registrations[name] = registration
+        public = f"{self.public_host}:{registration.port.getHost().port}"
+        log.info("gcb: {name} ({identity}) registered: {public}", name=name, identity=identity, public=public)
+        reply = classads.ClassAd()
+        reply["PublicAddress"] = public
+        reply["TunnelAddress"] = self.tunnel_address
+        reply["TunnelSecret"] = registration.secret
+        return reply
+
+    def tunnel_up(self, registration: Registration, mux: Any) -> None:
+        if registration.mux is not None:
+            registration.mux.transport.loseConnection()
+        registration.mux = mux
+
+    def drop(self, registration: Registration) -> None:
+        if registration.port is not None:
+            registration.port.stopListening()
+        if registration.mux is not None and registration.mux.transport is not None:
+            registration.mux.transport.loseConnection()
+        self.registrations.pop(registration.name, None)
+
+
+class Options(DaemonOptions):
+    pass
+
+
+class BrokerService(service.MultiService):
+    def __init__(self, reactor: Any, config: HostConfig) -> None:
+        from gwms.protocols.relay import MuxProtocol
+
+        super().__init__()
+        self.reactor = reactor
+        settings = config.section("gcb")
+        self.broker = Broker(reactor, config, lambda: MuxProtocol(role="broker", clock=reactor))
+        self.listener = MessageListener(reactor, message_factory(reactor, config, self.broker.commands()),
+                                        settings["listen"], None, settings["address_file"])
+        self.listener.setServiceParent(self)
+        self.tunnel_port: Any = None
+
+    @defer.inlineCallbacks
+    def startService(self) -> Any:
+        super().startService()
+        host, port = self.broker.settings["tunnel_listen"]
+        self.tunnel_port = yield TCP4ServerEndpoint(self.reactor, port, interface=host).listen(
+            Factory.forProtocol(lambda: TunnelGreeting(self.broker)))
+        bound = self.tunnel_port.getHost()
+        self.broker.tunnel_address = f"{bound.host}:{bound.port}"
+        log.info("gcb: tunnels at {address}", address=self.broker.tunnel_address)
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        for registration in list(self.broker.registrations.values()):
+            self.broker.drop(registration)
+        if self.tunnel_port is not None:
+            yield self.tunnel_port.stopListening()
+        yield super().stopService()
+
+
+def makeService(options: Options) -> service.IService:
+    from twisted.internet import reactor
+
+    return BrokerService(reactor, options["host_config"])
+
+
+__all__ = ["Broker", "BrokerService", "Registration", "TunnelGreeting"]

@@ -1,0 +1,104 @@
+"""A daemon's side of the connection broker: register, keep the tunnel up, serve through it.
+
+``BrokerRegistration`` registers the daemon's name with one broker (``GCB_REGISTER`` over the
+message layer), opens the tunnel with the one-time secret it got, and serves every relayed
+stream with the daemon's own message-server factory (its normal TLS and authentication run
+end to end through the relay). When the tunnel or the broker goes away it registers again,
+with a back-off, and tells the daemon its (possibly new) public address.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from gwms import classads
+from gwms.gcb.broker import TUNNEL_GREETING
+from gwms.protocols.client import Address, ClientSecurity, DaemonClient
+
+log = Logger()
+
+
+class TunnelClient(Protocol):
+    """Sends the greeting with the secret, then hands the connection to the mux."""
+
+    def __init__(self, secret: str, mux: Any, lost: Callable[[], None]) -> None:
+        self.secret = secret
+        self.mux = mux
+        self.lost = lost
+
+    def connectionMade(self) -> None:
+        self.transport.write(TUNNEL_GREETING + self.secret.encode("ascii") + b"\n")
+        self.transport.protocol = self.mux
+        self.mux.makeConnection(self.transport)
+        original = self.mux.connectionLost
+
+        def lost(reason: Failure) -> None:
+            original(reason)
+            self.lost()
+
+        self.mux.connectionLost = lost
+
+
+class BrokerRegistration(service.Service):
+    def __init__(self, reactor: Any, broker: Address, name: str, server_factory: Any, security: ClientSecurity,
+                 on_address: Callable[[str], None], retry: float = 2.0, connector: Any = None) -> None:
+        self.reactor = reactor
+        self.broker = broker
+        self.name = name
+        self.server_factory = server_factory
+        self.client = DaemonClient(reactor, broker, security, connector=connector)
+        self.on_address = on_address
+        self.retry = retry
+        self.public: str | None = None
+        self._pending: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._register()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._pending is not None and self._pending.active():
+            self._pending.cancel()
+        self.client.close()
+        return defer.succeed(None)
+
+    def _again(self) -> None:
+        if self.running and (self._pending is None or not self._pending.active()):
+            self._pending = self.reactor.callLater(self.retry, self._register)
+
+    @defer.inlineCallbacks
+    def _register(self) -> Any:
+        from gwms.protocols.relay import MuxProtocol
+
+        query = classads.ClassAd()
+        query["Name"] = self.name
+        if self.public is not None:  # the same port again, if the broker restarted meanwhile
+            query["WantPort"] = int(self.public.rpartition(":")[2])
+        try:
+            reply = yield self.client.call("GCB_REGISTER", query, "DAEMON")
+            host, _, port = str(reply["TunnelAddress"]).rpartition(":")
+            mux = MuxProtocol(role="daemon", factory=self.server_factory)
+            yield connectProtocol(TCP4ClientEndpoint(self.reactor, host, int(port), timeout=5),
+                                  TunnelClient(str(reply["TunnelSecret"]), mux, self._tunnel_lost))
+        except Exception as e:
+            log.warn("gcb: registering {name} with {broker} failed ({error}); again in {s:g} s", name=self.name,
+                     broker=str(self.broker), error=str(e), s=self.retry)
+            self._again()
+            return
+        self.public = str(reply["PublicAddress"])
+        log.info("gcb: {name} reachable at {public} through {broker}", name=self.name, public=self.public,
+                 broker=str(self.broker))
+        self.on_address(self.public)
+
+    def _tunnel_lost(self) -> None:
+        log.info("gcb: the tunnel to {broker} closed; registering again", broker=str(self.broker))
+        self.client.close()
+        self._again()

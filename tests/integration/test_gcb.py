@@ -1,0 +1,120 @@
+"""Connection brokering on loopback: a startd that listens on no port at all registers with a
+real `twistd -n gwms-gcb`, its slots advertise the broker's address, and the schedd's claims,
+activations and the shadow-starter traffic all reach it through the relay (TLS end to end)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from gwms.cli.demo import free_port
+from gwms.testing.polling import wait_until
+
+from pool import write_config
+
+pytestmark = pytest.mark.integration
+
+JOBS = """
+executable = /bin/echo
+arguments = relayed $(Process)
+transfer_executable = false
+output = out.$(Process)
+request_memory = 10
+request_disk = 1000
+queue 3
+"""
+
+
+def listening_ports(pid: int) -> set[int]:
+    """TCP ports a process listens on (from /proc/net/tcp and its file descriptors)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        found = re.fullmatch(r"socket:\[(\d+)\]", target)
+        if found:
+            inodes.add(found.group(1))
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_a_startd_without_a_port_joins_through_the_broker_and_runs_jobs(creds, tmp_path, start_daemon, gwms_cli):
+    (tmp_path / "grid-mapfile").write_text("")
+    first = write_config(tmp_path / "collector.toml", creds, tmp_path, "127.0.0.1:9618", "127.0.0.1:0", slots=2,
+                         cpus=2)
+    collector = start_daemon("collector", first, tmp_path)
+    config = write_config(tmp_path / "pool.toml", creds, tmp_path, collector.address, collector.address, slots=2,
+                          cpus=2)
+    text = config.read_text()
+    broker_config = tmp_path / "gcb.toml"
+    broker_config.write_text(text + f'\n[gcb]\nlisten = "127.0.0.1:0"\ntunnel_listen = "127.0.0.1:0"\n'
+                                    f'address_file = "{tmp_path}/gcb.address"\n')
+    broker = start_daemon("gcb", broker_config, tmp_path)
+    for role in ("negotiator", "schedd"):
+        start_daemon(role, config, tmp_path)
+    worker_config = tmp_path / "worker.toml"
+    worker_config.write_text(text.replace("[pool]\n", f'[pool]\nbrokers = ["{broker.address}"]\nbroker_only = true\n', 1))
+    startd = start_daemon("startd", worker_config, tmp_path, address_name="startd-wn1")
+    assert listening_ports(startd.process.pid) == set()  # it listens on nothing at all
+    assert startd.address.startswith("127.0.0.1:") and startd.address != broker.address
+
+    env = {**os.environ, "GWMS_CONFIG": str(config)}
+    slots = wait_until(lambda: (s := json.loads(gwms_cli("status", "--json", env=env).stdout or "[]")) and
+                       len(s) == 2 and s, 30, "the brokered startd's slots")
+    assert {s["MyAddress"] for s in slots} == {startd.address}  # the broker's port for it
+    jobdir = tmp_path / "jobs"
+    jobdir.mkdir()
+    (jobdir / "jobs.sub").write_text(JOBS)
+    assert gwms_cli("submit", str(jobdir / "jobs.sub"), env=env).returncode == 0
+    done = wait_until(lambda: len(h := json.loads(gwms_cli("history", "--json", env=env).stdout or "[]")) == 3 and h,
+                      60, "the jobs to complete through the broker")
+    assert sorted((j["ProcId"], j["ExitCode"]) for j in done) == [(0, 0), (1, 0), (2, 0)]
+    assert [(jobdir / f"out.{i}").read_text() for i in range(3)] == [f"relayed {i}\n" for i in range(3)]
+    assert "registered" in broker.log_text()
+
+
+def test_after_a_broker_restart_the_startd_registers_again_at_the_same_address_and_jobs_go_on(
+        creds, tmp_path, start_daemon, gwms_cli):
+    (tmp_path / "grid-mapfile").write_text("")
+    first = write_config(tmp_path / "collector.toml", creds, tmp_path, "127.0.0.1:9618", "127.0.0.1:0", slots=1,
+                         cpus=1)
+    collector = start_daemon("collector", first, tmp_path)
+    config = write_config(tmp_path / "pool.toml", creds, tmp_path, collector.address, collector.address, slots=1,
+                          cpus=1, periodic_interval=1)
+    text = config.read_text()
+    broker_config = tmp_path / "gcb.toml"  # fixed ports: the broker comes back where it was
+    broker_config.write_text(text + f'\n[gcb]\nlisten = "127.0.0.1:{free_port()}"\n'
+                                    f'tunnel_listen = "127.0.0.1:{free_port()}"\naddress_file = "{tmp_path}/gcb.address"\n')
+    broker = start_daemon("gcb", broker_config, tmp_path)
+    for role in ("negotiator", "schedd"):
+        start_daemon(role, config, tmp_path)
+    worker_config = tmp_path / "worker.toml"
+    worker_config.write_text(text.replace("[pool]\n", f'[pool]\nbrokers = ["{broker.address}"]\nbroker_only = true\n', 1))
+    startd = start_daemon("startd", worker_config, tmp_path, address_name="startd-wn1")
+    public = startd.address
+    env = {**os.environ, "GWMS_CONFIG": str(config)}
+    jobdir = tmp_path / "jobs"
+    jobdir.mkdir()
+    (jobdir / "long.sub").write_text("executable = /bin/sleep\narguments = 8\ntransfer_executable = false\n"
+                                     "request_memory = 10\nrequest_disk = 1000\nlog = long.log\nqueue\n")
+    assert gwms_cli("submit", str(jobdir / "long.sub"), env=env).returncode == 0
+    wait_until(lambda: (q := json.loads(gwms_cli("q", "--json", env=env).stdout or "[]")) and
+               q[0]["JobStatus"] == 2, 30, "the job to run through the broker")
+    broker.stop()  # the broker goes away while the job runs ...
+    restarted = start_daemon("gcb", broker_config, tmp_path)  # ... and comes back
+    wait_until(lambda: restarted.log_text().count(f"registered: {public}") == 2, 30,
+               "the startd to register again, at its old public address")  # (the log goes on from the first run)
+    done = wait_until(lambda: (h := json.loads(gwms_cli("history", "--json", env=env).stdout or "[]")) and h, 60,
+                      "the job to complete")
+    assert (done[0]["JobStatus"], done[0]["ExitCode"], done[0]["NumJobStarts"]) == (4, 0, 1)  # not run twice
