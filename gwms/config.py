@@ -227,6 +227,8 @@ ENTRY_KEYS: dict[str, Key] = {
                                       "lifetime (needs [factory] token_signing_key)."),
     "python": Key("str", None, "The node's Python for the startd (default: python3 on the PATH)."),
     "worker_listen": Key("str", "127.0.0.1", "Address the glideins' startds listen on."),
+    "brokers": Key("strlist", [], "GCB brokers (host:port) the glideins register with: for nodes that can only "
+                                  "connect out, their startds listen on no port and are reached through them."),
 }
 
 FRONTEND_KEYS: dict[str, Key] = {

@@ -42,6 +42,8 @@ def publish_entry_files(config: HostConfig, store: Path) -> dict[str, str]:
     out = {}
     for name, entry in settings["entry"].items():
         attrs = {**entry["attributes"], "GLIDEIN_Max_Walltime": int(entry["max_walltime"])}
+        if entry["brokers"]:
+            attrs["GLIDEIN_Brokers"] = ",".join(entry["brokers"])
         lines = "".join(f"{k}={_attr_text(v)}\n" for k, v in sorted(attrs.items()))
         out[name] = publish(store, [*common, ("attrs", "entry.attrs", lines.encode("utf-8"))])
     return out

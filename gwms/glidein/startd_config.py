@@ -281,10 +281,14 @@ def startd_config_text(config: GlideinConfig, now: float | None = None) -> str:
     identity_switch = v.get("GLIDEIN_Identity_Switch") or "none"
     if identity_switch not in ("none", "setuid", "glexec"):
         raise GlideinConfigError(f"GLIDEIN_Identity_Switch must be none, setuid or glexec, not {identity_switch!r}")
+    # A node that can only connect out: the startd listens on no port and registers with the
+    # entry's connection brokers (gwms.gcb), which relay the schedds' connections to it.
+    brokers = [b.strip() for b in v.get("GLIDEIN_Brokers", "").split(",") if b.strip()]
     lines = [
         "# Written by gwms.glidein.startd_config from the glidein's glidein_config.",
         "[pool]",
         f"collectors = {_toml_list(collectors)}",
+        *([f"brokers = {_toml_list(brokers)}", "broker_only = true"] if brokers else []),
         f"ca = {toml_string(ca)}",
         f"{kind} = {toml_string(credential)}",
         "",

@@ -364,3 +364,19 @@ def test_pilot_token_needs_the_pools_signing_key(tmp_path):
     with pytest.raises(ConfigError) as e:
         Factory(MemoryReactorClock(), broken, GlideinRecords(tmp_path / "r.db"), {}, None, "http://x/", "K")
     assert "[factory.entry.D] pilot_token needs [factory] token_signing_key" in str(e.value)
+
+
+def test_entry_attributes_and_brokers_reach_the_glideins_through_the_published_attrs_file(tmp_path):
+    from gwms.factory.service import publish_entry_files
+    from gwms.glidein.files import parse_description
+
+    config = parse_config('[factory.entry.X]\nattributes = { GLIDEIN_Site = "SiteX", GLIDEIN_CPUS = 4 }\n'
+                          'brokers = ["gcb.example.org:9630"]\nmax_walltime = 600\n', "<test>")
+    store = tmp_path / "web"
+    description = publish_entry_files(config, store)["X"]
+    entries = parse_description((store / "descriptions" / description).read_bytes())
+    [attrs] = [e for e in entries if e.kind == "attrs"]
+    text = (store / "files" / attrs.digest / attrs.name).read_text()
+    assert text.splitlines() == ["GLIDEIN_Brokers=gcb.example.org:9630", "GLIDEIN_CPUS=4",
+                                 "GLIDEIN_Max_Walltime=600", "GLIDEIN_Site=SiteX"]
+    assert [e.kind for e in entries].count("validate") == 3  # the stock scripts

@@ -392,3 +392,9 @@ def test_the_startd_keeps_the_pilot_credential_and_switches_identity_as_the_entr
     with pytest.raises(GlideinConfigError) as e:
         render(base_config(glide, credential, GLIDEIN_Identity_Switch="sudo"))
     assert "GLIDEIN_Identity_Switch must be none, setuid or glexec, not 'sudo'" in str(e.value)
+
+
+def test_an_entry_with_brokers_makes_a_startd_that_listens_on_no_port(glide: Path, credential: Path) -> None:
+    pool = render(base_config(glide, credential, GLIDEIN_Brokers="gcb1.example.org:9630, gcb2.example.org:9630"))["pool"]
+    assert pool["brokers"] == ["gcb1.example.org:9630", "gcb2.example.org:9630"] and pool["broker_only"] is True
+    assert "brokers" not in render(base_config(glide, credential))["pool"]
