@@ -69,6 +69,9 @@ class TunnelGreeting(Protocol):
             log.warn("gcb: a tunnel with an unknown secret: closed")
             self.transport.loseConnection()
             return
+        from gwms.protocols.relay import no_delay
+
+        no_delay(self.transport)
         mux = self.broker.make_mux()
         self.transport.protocol = mux  # from here on the connection speaks the mux
         mux.makeConnection(self.transport)

@@ -34,6 +34,9 @@ class TunnelClient(Protocol):
         self.lost = lost
 
     def connectionMade(self) -> None:
+        from gwms.protocols.relay import no_delay
+
+        no_delay(self.transport)
         self.transport.write(TUNNEL_GREETING + self.secret.encode("ascii") + b"\n")
         self.transport.protocol = self.mux
         self.mux.makeConnection(self.transport)

@@ -72,13 +72,13 @@ FRAME_NAMES = {OPEN: "OPEN", DATA: "DATA", CLOSE: "CLOSE", WINDOW: "WINDOW"}
 DONE, ABORT, ERROR, REFUSED = 0, 1, 2, 3
 CLOSE_NAMES = {DONE: "DONE", ABORT: "ABORT", ERROR: "ERROR", REFUSED: "REFUSED"}
 
-INITIAL_WINDOW = 256 * 1024
+INITIAL_WINDOW = 1024 * 1024
 MAX_WINDOW = 2**31 - 1
-MAX_DATA = 16 * 1024
+MAX_DATA = 64 * 1024
 MAX_REASON = 1024
 MAX_ADDRESS = 128
 MAX_STREAM_ID = 2**32 - 1
-STREAM_BUFFER = 64 * 1024
+STREAM_BUFFER = 256 * 1024
 
 ROLES = {"broker": 1, "daemon": 2}  # the first stream id each role opens
 
@@ -849,6 +849,14 @@ class _StreamToConnection(Protocol):
             tcp.abortConnection()
 
 
+def no_delay(transport: Any) -> None:
+    """Relayed traffic is many small frames (a TLS handshake, requests): without TCP_NODELAY
+    Nagle's algorithm meets the peer's delayed ACK and every new relayed connection waited 44 ms."""
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        set_no_delay(True)
+
+
 class RelayedConnection(Protocol):
     """A connection accepted on a registered daemon's port at the broker: relayed as one stream
     over the daemon's relay connection, both ways, with backpressure both ways (the TCP
@@ -860,6 +868,7 @@ class RelayedConnection(Protocol):
         self.stream_lost = False
 
     def connectionMade(self) -> None:
+        no_delay(self.transport)
         try:
             stream = self.mux.open_stream(self.transport.getPeer())
         except MuxError as e:

@@ -316,7 +316,7 @@ def sent_frames(transport):
 
 
 @pytest.mark.parametrize("data, reason", [
-    (relay.LENGTH.pack(1_000_000), "frame of 1000000 bytes exceeds the maximum of 16389 bytes"),
+    (relay.LENGTH.pack(1_000_000), f"frame of 1000000 bytes exceeds the maximum of {5 + relay.MAX_DATA} bytes"),
     (relay.LENGTH.pack(3) + b"abc", "frame of 3 bytes is too short to hold a type and a stream id"),
     (frame(9, 1), "unknown frame type 9 on stream 1"),
     (frame(DATA, 7, b"x"), "DATA for stream 7, which was never opened"),
