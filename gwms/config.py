@@ -78,6 +78,9 @@ POOL_KEYS: dict[str, Key] = {
     "brokers": Key("addrlist", [], "GCB brokers (host:port of their registration service) a daemon registers with, "
                                    "to be reachable through them from outside a firewall."),
     "broker_only": Key("bool", False, "Listen on no port at all: reachable only through the brokers."),
+    "connect_back": Key("bool", True, "Ask a brokered daemon to connect to this one (which must listen on TCP) "
+                                      "instead of going through the broker's relay, when it can (HTCondor's CCB "
+                                      "way); the relay remains the fallback."),
 }
 
 SECURITY_KEYS: dict[str, Key] = {

@@ -42,6 +42,7 @@ class Registration:
     secret: str
     port: Any = None  # the listening port of the daemon's public address
     mux: Any = None  # the tunnel, once the daemon has opened it
+    waiter: Any = None  # the daemon's pending GCB_WAIT_EVENT: how to ask it to connect back
 
 
 
@@ -95,6 +96,7 @@ class RegistrationRelay(Factory):
             log.info("gcb: {name} has no tunnel: connection from {peer} refused", name=self.registration.name,
                      peer=str(addr))
             return None
+        log.info("gcb: relaying a connection from {peer} to {name}", peer=str(addr), name=self.registration.name)
         return RelayedConnection(mux)
 
 
@@ -111,7 +113,53 @@ class Broker:
         self.tunnel_address = ""
 
     def commands(self) -> list[Command]:
-        return [Command("GCB_REGISTER", self.settings["registration_level"], self.register)]
+        return [Command("GCB_REGISTER", self.settings["registration_level"], self.register),
+                Command("GCB_WAIT_EVENT", self.settings["registration_level"], self.wait_event),
+                Command("GCB_CONNECT_BACK", "DAEMON", self.connect_back)]
+
+    def wait_event(self, request: Request) -> Any:
+        """The registered daemon's long-poll: answered when a client asks it to connect back
+        (HTCondor's CCB way), or empty after Timeout seconds (at most 30)."""
+        name = request.ad.get("Name")
+        registration = self.registrations.get(name) if isinstance(name, str) else None
+        if registration is None or registration.identity != request.identity.name:
+            raise CommandError("UNKNOWN_REGISTRATION", f"{name!r} is not registered by {request.identity.name}")
+        if registration.waiter is not None and not registration.waiter.called:
+            registration.waiter.callback(classads.ClassAd())  # a newer poll replaces it
+        timeout = request.ad.get("Timeout", 20)
+        timeout = min(max(float(timeout), 0.1), 30.0) if isinstance(timeout, (int, float)) else 20.0
+        waiter: defer.Deferred[Any] = defer.Deferred()
+        registration.waiter = waiter
+        timer = self.reactor.callLater(timeout, lambda: None if waiter.called else waiter.callback(classads.ClassAd()))
+        waiter.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
+        return waiter
+
+    def connect_back(self, request: Request) -> classads.ClassAd:
+        """A client that can be reached asks a registered daemon to connect to it instead of
+        being relayed: passed on through the daemon's long-poll."""
+        import re
+
+        ad = request.ad
+        name, address, nonce = ad.get("Name"), ad.get("Address"), ad.get("Nonce")
+        if not isinstance(address, str) or not re.fullmatch(r"[0-9A-Za-z.\-]+:\d{1,5}", address):
+            raise CommandError("MALFORMED_AD", "GCB_CONNECT_BACK needs an Address host:port")
+        if not isinstance(nonce, str) or not re.fullmatch(r"[0-9a-f]{64}", nonce):
+            raise CommandError("MALFORMED_AD", "GCB_CONNECT_BACK needs a Nonce of 64 hex digits")
+        registration = self.registrations.get(name) if isinstance(name, str) else None
+        if registration is None:
+            raise CommandError("UNKNOWN_REGISTRATION", f"nothing is registered as {name!r}")
+        waiter = registration.waiter
+        if waiter is None or waiter.called:
+            raise CommandError("NOT_WAITING", f"{name} is not listening for connect-back requests now")
+        event = classads.ClassAd()
+        event["ConnectBack"] = address
+        event["Nonce"] = nonce
+        log.info("gcb: asked {name} to connect back to {address} for {who}", name=name, address=address,
+                 who=request.identity.name)
+        waiter.callback(event)
+        reply = classads.ClassAd()
+        reply["Requested"] = True
+        return reply
 
     def by_secret(self, secret: str) -> Registration | None:
         for registration in self.registrations.values():
@@ -151,6 +199,7 @@ class Broker:
         reply["PublicAddress"] = public
         reply["TunnelAddress"] = self.tunnel_address
         reply["TunnelSecret"] = registration.secret
+        reply["BrokerName"] = name
         return reply
 
     def tunnel_up(self, registration: Registration, mux: Any) -> None:

@@ -49,6 +49,28 @@ class TunnelClient(Protocol):
         self.mux.connectionLost = lost
 
 
+CONNECT_BACK_GREETING = b"GCB-CONNECT-BACK "
+
+
+class ConnectBack(Protocol):
+    """A connection this daemon opened to a client that asked for it: it names the request's
+    nonce, then serves it like an accepted one (the client runs the message layer's client end)."""
+
+    def __init__(self, nonce: str, server_factory: Any) -> None:
+        self.nonce = nonce
+        self.server_factory = server_factory
+
+    def connectionMade(self) -> None:
+        from gwms.protocols.relay import no_delay
+
+        no_delay(self.transport)
+        self.transport.write(CONNECT_BACK_GREETING + self.nonce.encode("ascii") + b"\n")
+        protocol = self.server_factory.buildProtocol(self.transport.getPeer())
+        protocol.reversed_connection = True  # the TLS server end, on a connection it dialled
+        self.transport.protocol = protocol
+        protocol.makeConnection(self.transport)
+
+
 class BrokerRegistration(service.Service):
     def __init__(self, reactor: Any, broker: Address, name: str, server_factory: Any, security: ClientSecurity,
                  on_address: Callable[[str], None], retry: float = 2.0, connector: Any = None) -> None:
@@ -60,6 +82,7 @@ class BrokerRegistration(service.Service):
         self.on_address = on_address
         self.retry = retry
         self.public: str | None = None
+        self.tunnel: Any = None
         self._pending: Any = None
 
     def startService(self) -> None:
@@ -100,8 +123,36 @@ class BrokerRegistration(service.Service):
         log.info("gcb: {name} reachable at {public} through {broker}", name=self.name, public=self.public,
                  broker=str(self.broker))
         self.on_address(self.public)
+        self.tunnel = mux
+        self._wait_events(mux)
+
+    @defer.inlineCallbacks
+    def _wait_events(self, mux: Any) -> Any:
+        """Long-poll the broker for clients that ask this daemon to connect to them (HTCondor's
+        CCB way: no relay), for as long as this tunnel lives."""
+        query = classads.ClassAd()
+        query["Name"] = self.name
+        query["Timeout"] = 20
+        while self.running and self.tunnel is mux and mux.transport is not None:
+            try:
+                event = yield self.client.call("GCB_WAIT_EVENT", query, "DAEMON", timeout=40)
+            except Exception as e:
+                log.info("gcb: waiting for events from {broker} stopped: {error}", broker=str(self.broker),
+                         error=str(e))
+                return
+            address, nonce = event.get("ConnectBack"), event.get("Nonce")
+            if isinstance(address, str) and isinstance(nonce, str):
+                self._connect_back(address, nonce)
+
+    def _connect_back(self, address: str, nonce: str) -> None:
+        host, _, port = address.rpartition(":")
+        d = connectProtocol(TCP4ClientEndpoint(self.reactor, host, int(port), timeout=5),
+                            ConnectBack(nonce, self.server_factory))
+        d.addErrback(lambda f: log.info("gcb: connecting back to {address} failed: {error}", address=address,
+                                        error=f.getErrorMessage()))
 
     def _tunnel_lost(self) -> None:
+        self.tunnel = None
         log.info("gcb: the tunnel to {broker} closed; registering again", broker=str(self.broker))
         self.client.close()
         self._again()

@@ -33,6 +33,10 @@ class Address:
     port: int = 0
     path: str | None = None
     pin: str | None = None  # the server's certificate SHA-256, for a daemon known by it (gwms.tls)
+    # A daemon reached through a connection broker (gwms.gcb): the broker's registration
+    # address and the daemon's name there, for asking it to connect back instead of relaying.
+    broker: str | None = None
+    broker_name: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> "Address":

@@ -147,6 +147,9 @@ class _FramedProtocol(Protocol, TimeoutMixin):
         # been written and only if nothing else arrived in the clear.
         self.switching_to_tls = False
         self._tls_creator: Any = None
+        # True on a connection dialled the other way round (the server end connected out):
+        # TLS roles then follow the message layer, not TCP.
+        self.reversed_connection = False
 
     def send(self, kind: str, request_id: int, command: str, ad: classads.ClassAd | bytes) -> None:
         body = ad if isinstance(ad, bytes) else classads.encode(ad)
@@ -183,7 +186,9 @@ class _FramedProtocol(Protocol, TimeoutMixin):
             self.flush()
             if self.switching_to_tls and not self.closing:
                 self.switching_to_tls = False
-                self.transport.startTLS(self._tls_creator)
+                # normal=False: the TLS role is the message layer's, not the TCP connection's
+                # (a connect-back: the daemon dialled the client, gwms.gcb).
+                self.transport.startTLS(self._tls_creator, not self.reversed_connection)
 
     def frameReceived(self, frame: Frame) -> None:
         raise NotImplementedError
@@ -578,7 +583,7 @@ class ClientProtocol(_FramedProtocol):
                 except Exception as e:
                     self._fail_setup(str(e))
                     return self.close()
-                self.transport.startTLS(creator)
+                self.transport.startTLS(creator, not self.reversed_connection)
                 self._tls_started = True
             proof = classads.ClassAd()
             if self.method:

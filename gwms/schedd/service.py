@@ -441,14 +441,17 @@ class Schedd:
         self.claim(job_id, slot_ad).addErrback(lambda f: log.failure("claiming for {job}", f, job=format_job_id(job_id)))
         return _ad(Accepted=True, JobId=format_job_id(job_id))
 
-    def daemon(self, address: str, pin: object = None) -> DaemonClient:
+    def daemon(self, address: str, pin: object = None, broker: object = None, broker_name: object = None) -> DaemonClient:
         """The client to a startd; ``pin``: the SHA-256 of the certificate it advertised, when it
-        serves TLS with one of its own making (a glidein with only a token)."""
+        serves TLS with one of its own making (a glidein with only a token); ``broker`` and
+        ``broker_name``: where it is registered, when it is behind a connection broker."""
         pin = pin if isinstance(pin, str) and pin else None
-        key = f"{address}#{pin}" if pin else address
+        broker = broker if isinstance(broker, str) and broker else None
+        broker_name = broker_name if isinstance(broker_name, str) and broker else None
+        key = f"{address}#{pin}#{broker}#{broker_name}"
         client = self._startds.get(key)
         if client is None:
-            target = dataclasses.replace(Address.parse(address), pin=pin)
+            target = dataclasses.replace(Address.parse(address), pin=pin, broker=broker, broker_name=broker_name)
             client = DaemonClient(self.reactor, target, self._security, connector=self.connector)
             self._startds[key] = client
         return client
@@ -458,7 +461,8 @@ class Schedd:
         try:
             job = self.queue.job(job_id)
             address = str(slot_ad.get("MyAddress", ""))
-            client = self.daemon(address, slot_ad.get("TLSCertificateSHA256"))
+            client = self.daemon(address, slot_ad.get("TLSCertificateSHA256"), slot_ad.get("GCBBroker"),
+                                 slot_ad.get("GCBName"))
             try:
                 reply = yield client.call("REQUEST_CLAIM", _ad(ClaimId=slot_ad.get("ClaimId", ""), JobAd=job,
                                                               Schedd=self.name), "DAEMON")
@@ -578,7 +582,15 @@ class ScheddService(service.MultiService):
         self.collectors = collectors(reactor, config)
         self.factory = message_factory(reactor, config, self.schedd.commands())
         host, port = settings["listen"]
-        self.listener = MessageListener(reactor, self.factory, (host, port), settings["unix_socket"],
+        listening_factory = self.factory
+        if config.pool["connect_back"]:
+            # Brokered startds may connect to this schedd instead of being relayed (gwms.gcb).
+            from gwms.gcb.reverse import ConnectBackConnector, ConnectBackFactory
+
+            listening_factory = ConnectBackFactory(self.factory)
+            self.schedd.connector = ConnectBackConnector(reactor, listening_factory, lambda: self.schedd.address,
+                                                         self.schedd._security)
+        self.listener = MessageListener(reactor, listening_factory, (host, port), settings["unix_socket"],
                                         settings["address_file"])
         self.listener.setServiceParent(self)
         self._updates = LoopingCall(self.advertise)

@@ -130,6 +130,7 @@ class Startd:
         self.idle_since: float | None = now  # when the last claim went away (None: claimed)
         self.exit_requested: Callable[[str], None] | None = None  # set by the service
         self.tls_pin: str | None = None  # the fingerprint of a certificate of its own (set by the service)
+        self.broker: tuple[str, str] | None = None  # (broker's registration address, name there)
         if settings["partitionable"]:
             self._add(Slot(f"slot1@{self.machine}", "Partitionable", cpus, memory, disk, entered_state=now))
         else:
@@ -172,6 +173,8 @@ class Startd:
         ad["TotalSlots"] = len(self.slots)
         if self.tls_pin is not None:  # how schedds know this startd: it has no CA-signed certificate
             ad["TLSCertificateSHA256"] = self.tls_pin
+        if self.broker is not None:  # where to ask it to connect back instead of relaying (gwms.gcb)
+            ad["GCBBroker"], ad["GCBName"] = self.broker
         try:
             ad["LoadAvg"] = os.getloadavg()[0]
         except OSError:
@@ -736,7 +739,10 @@ class StartdService(service.MultiService):
     def _broker_address(self, public: str) -> None:
         """A broker registered this startd (again): its public address there is the contact;
         the first broker's, while it has one."""
-        first = next((b.public for b in self.brokers if b.public), public)
+        registered = next((b for b in self.brokers if b.public), None)
+        first = registered.public if registered is not None else public
+        if registered is not None:
+            self.startd.broker = (str(registered.broker), registered.name)
         if first != self.startd.address:
             self._set_address(first)
 

@@ -49,7 +49,9 @@ def listening_ports(pid: int) -> set[int]:
     return ports
 
 
-def test_a_startd_without_a_port_joins_through_the_broker_and_runs_jobs(creds, tmp_path, start_daemon, gwms_cli):
+@pytest.mark.parametrize("connect_back", [True, False], ids=["connect-back", "relay"])
+def test_a_startd_without_a_port_joins_through_the_broker_and_runs_jobs(creds, tmp_path, start_daemon, gwms_cli,
+                                                                        connect_back):
     (tmp_path / "grid-mapfile").write_text("")
     first = write_config(tmp_path / "collector.toml", creds, tmp_path, "127.0.0.1:9618", "127.0.0.1:0", slots=2,
                          cpus=2)
@@ -61,8 +63,10 @@ def test_a_startd_without_a_port_joins_through_the_broker_and_runs_jobs(creds, t
     broker_config.write_text(text + f'\n[gcb]\nlisten = "127.0.0.1:0"\ntunnel_listen = "127.0.0.1:0"\n'
                                     f'address_file = "{tmp_path}/gcb.address"\n')
     broker = start_daemon("gcb", broker_config, tmp_path)
-    for role in ("negotiator", "schedd"):
-        start_daemon(role, config, tmp_path)
+    schedd_config = tmp_path / "schedd.toml"  # the schedd may ask the startd to connect back, or not
+    schedd_config.write_text(text.replace("[pool]\n", f"[pool]\nconnect_back = {str(connect_back).lower()}\n", 1))
+    start_daemon("negotiator", config, tmp_path)
+    start_daemon("schedd", schedd_config, tmp_path)
     worker_config = tmp_path / "worker.toml"
     worker_config.write_text(text.replace("[pool]\n", f'[pool]\nbrokers = ["{broker.address}"]\nbroker_only = true\n', 1))
     startd = start_daemon("startd", worker_config, tmp_path, address_name="startd-wn1")
@@ -81,7 +85,12 @@ def test_a_startd_without_a_port_joins_through_the_broker_and_runs_jobs(creds, t
                       60, "the jobs to complete through the broker")
     assert sorted((j["ProcId"], j["ExitCode"]) for j in done) == [(0, 0), (1, 0), (2, 0)]
     assert [(jobdir / f"out.{i}").read_text() for i in range(3)] == [f"relayed {i}\n" for i in range(3)]
-    assert "registered" in broker.log_text()
+    log = broker.log_text()
+    assert "registered" in log
+    if connect_back:  # the startd dialled the schedd: nothing went through the relay
+        assert "asked startd@wn1 to connect back to" in log and "relaying a connection" not in log
+    else:
+        assert "relaying a connection" in log and "connect back" not in log
 
 
 def test_after_a_broker_restart_the_startd_registers_again_at_the_same_address_and_jobs_go_on(

@@ -97,3 +97,84 @@ def test_tunnels_with_a_bad_greeting_are_closed(broker, data):
     greeting.makeConnection(transport)
     greeting.dataReceived(data)
     assert transport.disconnecting and broker.registrations["startd@wn1"].mux is None
+
+
+def call(handler, who: str, **values: Any) -> Any:
+    ad = classads.ClassAd()
+    for k, v in values.items():
+        ad[k] = v
+    return handler(FakeRequest(ad, Identity(who)))
+
+
+def test_a_connect_back_request_reaches_the_daemons_long_poll(broker):
+    register(broker, "/CN=wn1", Name="startd@wn1")
+    polled = call(broker.wait_event, "/CN=wn1", Name="startd@wn1", Timeout=20)
+    assert not polled.called
+    reply = call(broker.connect_back, "/CN=schedd", Name="startd@wn1", Address="10.0.0.5:9615", Nonce="a" * 64)
+    assert reply["Requested"] is True
+    event = polled.result
+    assert (event["ConnectBack"], event["Nonce"]) == ("10.0.0.5:9615", "a" * 64)
+    with pytest.raises(CommandError) as e:  # the poll was used up: nobody listens until the next one
+        call(broker.connect_back, "/CN=schedd", Name="startd@wn1", Address="10.0.0.5:9615", Nonce="b" * 64)
+    assert e.value.code == "NOT_WAITING"
+    quiet = call(broker.wait_event, "/CN=wn1", Name="startd@wn1", Timeout=5)
+    broker.reactor.advance(5)
+    assert quiet.called and "ConnectBack" not in quiet.result  # answered empty when nothing came
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"Name": "startd@wn1", "Address": "10.0.0.5", "Nonce": "a" * 64}, "needs an Address host:port"),
+    ({"Name": "startd@wn1", "Address": "x; rm -rf /:1", "Nonce": "a" * 64}, "needs an Address host:port"),
+    ({"Name": "startd@wn1", "Address": "10.0.0.5:9615", "Nonce": "short"}, "needs a Nonce of 64 hex digits"),
+    ({"Name": "nobody", "Address": "10.0.0.5:9615", "Nonce": "a" * 64}, "nothing is registered as 'nobody'"),
+])
+def test_malformed_connect_back_requests_are_refused(broker, values, message):
+    register(broker, "/CN=wn1", Name="startd@wn1")
+    call(broker.wait_event, "/CN=wn1", Name="startd@wn1")
+    with pytest.raises(CommandError) as e:
+        call(broker.connect_back, "/CN=schedd", **values)
+    assert message in e.value.message
+
+
+def test_only_the_registered_identity_may_wait_for_its_events(broker):
+    register(broker, "/CN=wn1", Name="startd@wn1")
+    with pytest.raises(CommandError) as e:
+        call(broker.wait_event, "/CN=mallory", Name="startd@wn1")
+    assert e.value.code == "UNKNOWN_REGISTRATION"
+
+
+def test_the_clients_listener_hands_connect_backs_to_their_requests_and_passes_the_rest_on():
+    from twisted.internet import defer
+    from twisted.internet.protocol import Factory, Protocol
+
+    from gwms.gcb.reverse import ConnectBackFactory
+
+    class Recorder(Protocol):
+        def __init__(self):
+            self.got = b""
+
+        def dataReceived(self, data):
+            self.got += data
+
+    inner = Factory.forProtocol(Recorder)
+    listener = ConnectBackFactory(inner)
+    normal = listener.buildProtocol(None)
+    transport = StringTransport()
+    transport.protocol = normal
+    normal.makeConnection(transport)
+    normal.dataReceived(b"\x00\x00\x00\x10HELLO...")  # a message-layer frame: passed on at once
+    assert isinstance(transport.protocol, Recorder) and transport.protocol.got == b"\x00\x00\x00\x10HELLO..."
+
+    waiting = defer.Deferred()
+    listener.pending["c" * 64] = waiting
+    back = listener.buildProtocol(None)
+    transport = StringTransport()
+    back.makeConnection(transport)
+    back.dataReceived(b"GCB-CONNECT-BACK " + b"c" * 64 + b"\nfirst")
+    assert waiting.result == (transport, b"first") and "c" * 64 not in listener.pending
+
+    stranger = listener.buildProtocol(None)
+    transport = StringTransport()
+    stranger.makeConnection(transport)
+    stranger.dataReceived(b"GCB-CONNECT-BACK " + b"d" * 64 + b"\n")
+    assert transport.disconnecting  # nobody asked for it
