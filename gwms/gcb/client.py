@@ -73,15 +73,17 @@ class ConnectBack(Protocol):
 
 class BrokerRegistration(service.Service):
     def __init__(self, reactor: Any, broker: Address, name: str, server_factory: Any, security: ClientSecurity,
-                 on_address: Callable[[str], None], retry: float = 2.0, connector: Any = None) -> None:
+                 on_address: Callable[[str | None], None], retry: float = 2.0, connector: Any = None) -> None:
         self.reactor = reactor
         self.broker = broker
-        self.name = name
+        # Not `name`: that is twisted's Service.name, unique among a parent's services.
+        self.daemon_name = name
         self.server_factory = server_factory
         self.client = DaemonClient(reactor, broker, security, connector=connector)
         self.on_address = on_address
         self.retry = retry
-        self.public: str | None = None
+        self.public: str | None = None  # its address at this broker while the tunnel is up
+        self.last_port: int | None = None  # asked for again when it registers anew
         self.tunnel: Any = None
         self._pending: Any = None
 
@@ -105,9 +107,9 @@ class BrokerRegistration(service.Service):
         from gwms.protocols.relay import MuxProtocol
 
         query = classads.ClassAd()
-        query["Name"] = self.name
-        if self.public is not None:  # the same port again, if the broker restarted meanwhile
-            query["WantPort"] = int(self.public.rpartition(":")[2])
+        query["Name"] = self.daemon_name
+        if self.last_port is not None:  # the same port again, if the broker restarted meanwhile
+            query["WantPort"] = self.last_port
         try:
             reply = yield self.client.call("GCB_REGISTER", query, "DAEMON")
             host, _, port = str(reply["TunnelAddress"]).rpartition(":")
@@ -115,12 +117,13 @@ class BrokerRegistration(service.Service):
             yield connectProtocol(TCP4ClientEndpoint(self.reactor, host, int(port), timeout=5),
                                   TunnelClient(str(reply["TunnelSecret"]), mux, self._tunnel_lost))
         except Exception as e:
-            log.warn("gcb: registering {name} with {broker} failed ({error}); again in {s:g} s", name=self.name,
+            log.warn("gcb: registering {name} with {broker} failed ({error}); again in {s:g} s", name=self.daemon_name,
                      broker=str(self.broker), error=str(e), s=self.retry)
             self._again()
             return
         self.public = str(reply["PublicAddress"])
-        log.info("gcb: {name} reachable at {public} through {broker}", name=self.name, public=self.public,
+        self.last_port = int(self.public.rpartition(":")[2])
+        log.info("gcb: {name} reachable at {public} through {broker}", name=self.daemon_name, public=self.public,
                  broker=str(self.broker))
         self.on_address(self.public)
         self.tunnel = mux
@@ -131,7 +134,7 @@ class BrokerRegistration(service.Service):
         """Long-poll the broker for clients that ask this daemon to connect to them (HTCondor's
         CCB way: no relay), for as long as this tunnel lives."""
         query = classads.ClassAd()
-        query["Name"] = self.name
+        query["Name"] = self.daemon_name
         query["Timeout"] = 20
         while self.running and self.tunnel is mux and mux.transport is not None:
             try:
@@ -153,6 +156,8 @@ class BrokerRegistration(service.Service):
 
     def _tunnel_lost(self) -> None:
         self.tunnel = None
+        self.public = None
+        self.on_address(None)  # the daemon may advertise another broker's address meanwhile
         log.info("gcb: the tunnel to {broker} closed; registering again", broker=str(self.broker))
         self.client.close()
         self._again()

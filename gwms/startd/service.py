@@ -736,15 +736,16 @@ class StartdService(service.MultiService):
         self._updates.start(self.update_interval, now=False)
         self._housekeeping.start(self.housekeeping_interval, now=False)
 
-    def _broker_address(self, public: str) -> None:
-        """A broker registered this startd (again): its public address there is the contact;
-        the first broker's, while it has one."""
+    def _broker_address(self, public: str | None) -> None:
+        """A broker registered this startd (again), or its tunnel went down: the contact is its
+        address at the first broker that has it registered now (another one takes over while
+        the first is down)."""
         registered = next((b for b in self.brokers if b.public), None)
-        first = registered.public if registered is not None else public
-        if registered is not None:
-            self.startd.broker = (str(registered.broker), registered.name)
-        if first != self.startd.address:
-            self._set_address(first)
+        if registered is None:
+            return  # none at the moment: the last address stays (it comes back on the same port)
+        self.startd.broker = (str(registered.broker), registered.daemon_name)
+        if registered.public != self.startd.address:
+            self._set_address(registered.public)
 
     def _set_address(self, address: str) -> None:
         self.startd.address = address

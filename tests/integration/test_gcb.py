@@ -127,3 +127,43 @@ def test_after_a_broker_restart_the_startd_registers_again_at_the_same_address_a
     done = wait_until(lambda: (h := json.loads(gwms_cli("history", "--json", env=env).stdout or "[]")) and h, 60,
                       "the job to complete")
     assert (done[0]["JobStatus"], done[0]["ExitCode"], done[0]["NumJobStarts"]) == (4, 0, 1)  # not run twice
+
+
+def test_with_two_brokers_the_second_takes_over_when_the_first_goes_away(creds, tmp_path, start_daemon, gwms_cli):
+    (tmp_path / "grid-mapfile").write_text("")
+    first = write_config(tmp_path / "collector.toml", creds, tmp_path, "127.0.0.1:9618", "127.0.0.1:0", slots=1,
+                         cpus=1)
+    collector = start_daemon("collector", first, tmp_path)
+    config = write_config(tmp_path / "pool.toml", creds, tmp_path, collector.address, collector.address, slots=1,
+                          cpus=1)
+    text = config.read_text()
+    brokers = []
+    for name in ("gcb1", "gcb2"):
+        broker_config = tmp_path / f"{name}.toml"
+        broker_config.write_text(text + '\n[gcb]\nlisten = "127.0.0.1:0"\ntunnel_listen = "127.0.0.1:0"\n'
+                                        f'address_file = "{tmp_path}/{name}.address"\n')
+        brokers.append(start_daemon("gcb", broker_config, tmp_path, address_name=name))
+    for role in ("negotiator", "schedd"):
+        start_daemon(role, config, tmp_path)
+    worker_config = tmp_path / "worker.toml"
+    addresses = ", ".join(f'"{b.address}"' for b in brokers)
+    worker_config.write_text(text.replace("[pool]\n", f"[pool]\nbrokers = [{addresses}]\nbroker_only = true\n", 1))
+    startd = start_daemon("startd", worker_config, tmp_path, address_name="startd-wn1")
+    env = {**os.environ, "GWMS_CONFIG": str(config)}
+
+    def slot_address() -> str | None:
+        slots = json.loads(gwms_cli("status", "--json", env=env).stdout or "[]")
+        return slots[0]["MyAddress"] if slots else None
+
+    at_first = wait_until(slot_address, 30, "the slot, at the first broker")
+    assert at_first == startd.address and f"registered: {at_first}" in brokers[0].log_text()
+    brokers[0].stop()
+    at_second = wait_until(lambda: (a := slot_address()) != at_first and a, 30, "the slot at the second broker")
+    assert f"registered: {at_second}" in brokers[1].log_text()
+    jobdir = tmp_path / "jobs"
+    jobdir.mkdir()
+    (jobdir / "jobs.sub").write_text(JOBS)
+    assert gwms_cli("submit", str(jobdir / "jobs.sub"), env=env).returncode == 0
+    done = wait_until(lambda: len(h := json.loads(gwms_cli("history", "--json", env=env).stdout or "[]")) == 3 and h,
+                      60, "the jobs to complete through the second broker")
+    assert sorted(j["ExitCode"] for j in done) == [0, 0, 0]
