@@ -128,7 +128,7 @@ class ConnectBackConnector:
             if timer.active():
                 timer.cancel()
         proto = ClientProtocol(self.reactor, limits, security, level, address.host,
-                               setup_timeout=2 * connect_timeout, pin=address.pin)
+                               setup_timeout=2 * connect_timeout, pin=address.pin, identity=address.identity)
         proto.reversed_connection = True  # the TLS client end, on a connection it accepted
         transport.protocol = proto
         proto.makeConnection(transport)

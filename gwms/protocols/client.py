@@ -37,6 +37,7 @@ class Address:
     # address and the daemon's name there, for asking it to connect back instead of relaying.
     broker: str | None = None
     broker_name: str | None = None
+    identity: str | None = None  # the identity its certificate must prove, instead of naming the host
 
     @classmethod
     def parse(cls, text: str) -> "Address":
@@ -139,7 +140,7 @@ def connect(reactor: Any, address: Address, level: str, security: ClientSecurity
         endpoint = HostnameEndpoint(reactor, address.host, address.port, timeout=connect_timeout)
         hostname = address.host
     proto = ClientProtocol(reactor, limits, security, level, hostname, setup_timeout=2 * connect_timeout,
-                           pin=address.pin)
+                           pin=address.pin, identity=address.identity)
 
     def connected(p: ClientProtocol) -> defer.Deferred[ClientProtocol]:
         return p.ready

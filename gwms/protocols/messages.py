@@ -493,13 +493,17 @@ class ClientProtocol(_FramedProtocol):
     """The client's end: negotiates, authenticates, then sends requests and correlates replies."""
 
     def __init__(self, reactor: Any, limits: Limits, security: Any, level: str, hostname: str,
-                 setup_timeout: float | None = None, pin: str | None = None) -> None:
+                 setup_timeout: float | None = None, pin: str | None = None,
+                 identity: str | None = None) -> None:
         super().__init__(reactor, limits)
         self.setup_timeout = setup_timeout or limits.handshake_timeout
         self.security = security  # gwms.protocols.client.ClientSecurity
         self.level = level
         self.hostname = hostname
         self.pin = pin  # the server's certificate SHA-256, when it is known by that (gwms.tls)
+        # The identity the server must prove with its chain, when its host name says nothing (a
+        # daemon reached through a connection broker: the name is the broker's).
+        self.expected_identity = identity
         self.ready: defer.Deferred[ClientProtocol] = defer.Deferred()
         self.identity: str | None = None
         self.encrypted = False
@@ -609,14 +613,31 @@ class ClientProtocol(_FramedProtocol):
             if self.pin is not None:
                 if fingerprint(cert) != self.pin:
                     raise VerificationError(errors=[f"its SHA-256 {fingerprint(cert)} is not the advertised {self.pin}"])
+            elif self.expected_identity is not None:
+                proven = self._server_identity(handle)
+                if proven != self.expected_identity:
+                    raise VerificationError(errors=[f"it proves {proven!r}, not {self.expected_identity!r}"])
             else:
                 verify_server_name(cert, self.hostname)
         except VerificationError as e:
-            what = "the advertised certificate" if self.pin is not None else self.hostname
+            what = ("the advertised certificate" if self.pin is not None else
+                    self.expected_identity if self.expected_identity is not None else self.hostname)
             self._fail_setup(f"server certificate does not match {what}: {e}")
             self.transport.abortConnection()
             return False
         return True
+
+    @staticmethod
+    def _server_identity(handle: Any) -> str | None:
+        """The identity the server's chain (verified against our CA) proves: the end-entity DN."""
+        from gwms.credentials.x509 import CredentialError, chain_info_from_verified
+        from gwms.tls import verified_chain
+
+        try:
+            chain = verified_chain(handle)
+            return chain_info_from_verified(chain).identity if chain else None
+        except CredentialError:
+            return None
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.setTimeout(None)

@@ -441,17 +441,22 @@ class Schedd:
         self.claim(job_id, slot_ad).addErrback(lambda f: log.failure("claiming for {job}", f, job=format_job_id(job_id)))
         return _ad(Accepted=True, JobId=format_job_id(job_id))
 
-    def daemon(self, address: str, pin: object = None, broker: object = None, broker_name: object = None) -> DaemonClient:
+    def daemon(self, address: str, pin: object = None, broker: object = None, broker_name: object = None,
+               identity: object = None) -> DaemonClient:
         """The client to a startd; ``pin``: the SHA-256 of the certificate it advertised, when it
         serves TLS with one of its own making (a glidein with only a token); ``broker`` and
-        ``broker_name``: where it is registered, when it is behind a connection broker."""
+        ``broker_name``: where it is registered, when it is behind a connection broker; then
+        its address names the broker's host, so its certificate must prove ``identity`` (the
+        one the collector authenticated when it advertised the slot) instead."""
         pin = pin if isinstance(pin, str) and pin else None
         broker = broker if isinstance(broker, str) and broker else None
         broker_name = broker_name if isinstance(broker_name, str) and broker else None
-        key = f"{address}#{pin}#{broker}#{broker_name}"
+        identity = identity if isinstance(identity, str) and identity and broker and not pin else None
+        key = f"{address}#{pin}#{broker}#{broker_name}#{identity}"
         client = self._startds.get(key)
         if client is None:
-            target = dataclasses.replace(Address.parse(address), pin=pin, broker=broker, broker_name=broker_name)
+            target = dataclasses.replace(Address.parse(address), pin=pin, broker=broker, broker_name=broker_name,
+                                         identity=identity)
             client = DaemonClient(self.reactor, target, self._security, connector=self.connector)
             self._startds[key] = client
         return client
@@ -462,7 +467,7 @@ class Schedd:
             job = self.queue.job(job_id)
             address = str(slot_ad.get("MyAddress", ""))
             client = self.daemon(address, slot_ad.get("TLSCertificateSHA256"), slot_ad.get("GCBBroker"),
-                                 slot_ad.get("GCBName"))
+                                 slot_ad.get("GCBName"), slot_ad.get("AuthenticatedIdentity"))
             try:
                 reply = yield client.call("REQUEST_CLAIM", _ad(ClaimId=slot_ad.get("ClaimId", ""), JobAd=job,
                                                               Schedd=self.name), "DAEMON")

@@ -60,18 +60,21 @@ def test_a_startd_without_a_port_joins_through_the_broker_and_runs_jobs(creds, t
                           cpus=2)
     text = config.read_text()
     broker_config = tmp_path / "gcb.toml"
-    broker_config.write_text(text + f'\n[gcb]\nlisten = "127.0.0.1:0"\ntunnel_listen = "127.0.0.1:0"\n'
-                                    f'address_file = "{tmp_path}/gcb.address"\n')
+    # Published as 127.0.0.2, a name the startd's certificate does not have: the schedd must
+    # check the identity the collector authenticated for the slot instead of the host name.
+    broker_config.write_text(text + f'\n[gcb]\nlisten = "0.0.0.0:0"\ntunnel_listen = "127.0.0.1:0"\n'
+                                    f'public_host = "127.0.0.2"\naddress_file = "{tmp_path}/gcb.address"\n')
     broker = start_daemon("gcb", broker_config, tmp_path)
     schedd_config = tmp_path / "schedd.toml"  # the schedd may ask the startd to connect back, or not
     schedd_config.write_text(text.replace("[pool]\n", f"[pool]\nconnect_back = {str(connect_back).lower()}\n", 1))
     start_daemon("negotiator", config, tmp_path)
     start_daemon("schedd", schedd_config, tmp_path)
     worker_config = tmp_path / "worker.toml"
-    worker_config.write_text(text.replace("[pool]\n", f'[pool]\nbrokers = ["{broker.address}"]\nbroker_only = true\n', 1))
+    registration = f"127.0.0.1:{broker.port}"  # it listens on every address; its certificate names this one
+    worker_config.write_text(text.replace("[pool]\n", f'[pool]\nbrokers = ["{registration}"]\nbroker_only = true\n', 1))
     startd = start_daemon("startd", worker_config, tmp_path, address_name="startd-wn1")
     assert listening_ports(startd.process.pid) == set()  # it listens on nothing at all
-    assert startd.address.startswith("127.0.0.1:") and startd.address != broker.address
+    assert startd.address.startswith("127.0.0.2:")
 
     env = {**os.environ, "GWMS_CONFIG": str(config)}
     slots = wait_until(lambda: (s := json.loads(gwms_cli("status", "--json", env=env).stdout or "[]")) and
