@@ -75,10 +75,10 @@ POOL_KEYS: dict[str, Key] = {
     "request_timeout": Key("float", 60.0, "Seconds to wait for the reply to one command."),
     "idle_timeout": Key("float", 600.0, "Seconds a server keeps a connection that sends no complete frame."),
     "audit_log": Key("path", None, "File receiving one JSON line per authorization decision."),
-    "brokers": Key("addrlist", [], "GCB brokers (host:port of their registration service) a startd registers with, "
-                                   "to be reachable through them from outside a firewall (other roles do not "
-                                   "register yet)."),
-    "broker_only": Key("bool", False, "A startd with brokers listens on no port at all: reachable only through them."),
+    "brokers": Key("addrlist", [], "GCB brokers (host:port of their registration service) a startd, schedd or "
+                                   "negotiator registers with, to be reachable through them from outside a firewall "
+                                   "(collectors do not: the pool names their addresses)."),
+    "broker_only": Key("bool", False, "With brokers: listen on no TCP port at all, reachable only through them."),
     "connect_back": Key("bool", True, "Ask a brokered daemon to connect to this one (which must listen on TCP) "
                                       "instead of going through the broker's relay, when it can (HTCondor's CCB "
                                       "way); the relay remains the fallback."),

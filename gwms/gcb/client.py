@@ -161,3 +161,36 @@ class BrokerRegistration(service.Service):
         log.info("gcb: the tunnel to {broker} closed; registering again", broker=str(self.broker))
         self.client.close()
         self._again()
+
+
+class Brokers(service.MultiService):
+    """A daemon's registrations with its brokers (``[pool] brokers``): ``current`` is the first
+    that has it registered now, whose public address the daemon advertises; ``on_change`` is
+    called whenever that may have changed (a registration came or went)."""
+
+    def __init__(self, reactor: Any, addresses: list[tuple[str, int]], name: str, server_factory: Any,
+                 security: ClientSecurity, on_change: Callable[[], None]) -> None:
+        super().__init__()
+        self.registrations = [
+            BrokerRegistration(reactor, Address(host=host, port=port), name, server_factory, security,
+                               lambda _public: on_change())
+            for host, port in addresses]
+        for registration in self.registrations:
+            registration.setServiceParent(self)
+
+    @property
+    def current(self) -> BrokerRegistration | None:
+        return next((r for r in self.registrations if r.public), None)
+
+
+def brokered_listener_options(config: Any, tcp: tuple[str, int]) -> tuple[tuple[str, int] | None, bool]:
+    """(the TCP address a role listens on, whether it registers with brokers): none with
+    ``[pool] broker_only`` (then it must have brokers)."""
+    from gwms.config import ConfigError
+
+    brokers = bool(config.pool["brokers"])
+    if config.pool["broker_only"]:
+        if not brokers:
+            raise ConfigError(f"{config.source}: [pool] broker_only needs [pool] brokers")
+        return None, True
+    return tcp, brokers

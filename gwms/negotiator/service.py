@@ -157,9 +157,16 @@ class NegotiatorService(service.MultiService):
         settings = config.section("negotiator")
         self.negotiator = Negotiator(reactor, config, collectors(reactor, config), client_security(config))
         self.factory = message_factory(reactor, config, self.negotiator.commands())
-        host, port = settings["listen"]
-        self.listener = MessageListener(reactor, self.factory, (host, port), None, settings["address_file"])
+        from gwms.gcb.client import Brokers, brokered_listener_options
+
+        tcp, brokered = brokered_listener_options(config, settings["listen"])
+        self.listener = MessageListener(reactor, self.factory, tcp, None, settings["address_file"])
         self.listener.setServiceParent(self)
+        self.brokers = None
+        if brokered:  # reachable through the brokers (gwms.gcb): schedds' RESCHEDULE comes that way
+            self.brokers = Brokers(reactor, config.pool["brokers"], self.negotiator.name, self.factory,
+                                   client_security(config), self._broker_address)
+            self.brokers.setServiceParent(self)
         self._loop = LoopingCall(self.negotiator.cycle_soon)
         self._loop.clock = reactor
         self.interval = settings["interval"]
@@ -169,8 +176,15 @@ class NegotiatorService(service.MultiService):
         self.listener._listening.addCallback(self._listening)
 
     def _listening(self, _: Any) -> None:
-        self.negotiator.address = str(self.listener.address)
+        if self.listener.address is not None:
+            self.negotiator.address = str(self.listener.address)
         self._loop.start(self.interval, now=True)
+
+    def _broker_address(self) -> None:
+        assert self.brokers is not None
+        current = self.brokers.current
+        if current is not None and current.public is not None:
+            self.negotiator.address = current.public
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:

@@ -593,11 +593,21 @@ class ScheddService(service.MultiService):
             from gwms.gcb.reverse import ConnectBackConnector, ConnectBackFactory
 
             listening_factory = ConnectBackFactory(self.factory)
-            self.schedd.connector = ConnectBackConnector(reactor, listening_factory, lambda: self.schedd.address,
-                                                         self.schedd._security)
-        self.listener = MessageListener(reactor, listening_factory, (host, port), settings["unix_socket"],
+            # Only a schedd that can be reached asks for connect-backs: a brokered one is relayed.
+            self.schedd.connector = ConnectBackConnector(
+                reactor, listening_factory, lambda: "" if self.brokers is not None else self.schedd.address,
+                self.schedd._security)
+        from gwms.gcb.client import Brokers, brokered_listener_options
+
+        tcp, brokered = brokered_listener_options(config, (host, port))
+        self.listener = MessageListener(reactor, listening_factory, tcp, settings["unix_socket"],
                                         settings["address_file"])
         self.listener.setServiceParent(self)
+        self.brokers = None
+        if brokered:  # reachable through the brokers (gwms.gcb): the negotiator comes that way
+            self.brokers = Brokers(reactor, config.pool["brokers"], self.schedd.name, listening_factory,
+                                   client_security(config), self._broker_address)
+            self.brokers.setServiceParent(self)
         self._updates = LoopingCall(self.advertise)
         self._updates.clock = reactor
         self._policy = LoopingCall(self.schedd.periodic)
@@ -612,13 +622,23 @@ class ScheddService(service.MultiService):
         self.listener._listening.addCallback(self._listening)
 
     def _listening(self, _: Any) -> None:
-        self.schedd.address = str(self.listener.address)
+        if self.listener.address is not None and self.brokers is None:
+            self.schedd.address = str(self.listener.address)
         self.schedd.reconnect_running()
         self._updates.start(self.schedd.settings["update_interval"], now=True)
         self._policy.start(self.schedd.settings["periodic_interval"], now=False)
         self._proxies.start(self.schedd.proxy_check_interval, now=False)
 
+    def _broker_address(self) -> None:
+        assert self.brokers is not None
+        current = self.brokers.current
+        if current is not None and current.public is not None and current.public != self.schedd.address:
+            self.schedd.address = current.public
+            self.advertise()
+
     def advertise(self) -> None:
+        if not self.schedd.address:
+            return  # a brokered schedd has no address until a broker registered it
         for ad in self.schedd.ads():
             ad["ClassAdLifetime"] = int(3 * self.schedd.settings["update_interval"])
             self.collectors.advertise(ad, "ADVERTISE_SCHEDD")

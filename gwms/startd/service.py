@@ -683,19 +683,15 @@ class StartdService(service.MultiService):
         tcp = None if config.pool["broker_only"] else (host, port)
         self.listener = MessageListener(reactor, self.factory, tcp, None, settings["address_file"])
         self.listener.setServiceParent(self)
-        self.brokers = []
+        self.brokers = None
         self.address_file = settings["address_file"]
         if config.pool["brokers"]:
             from gwms.daemon import client_security
-            from gwms.gcb.client import BrokerRegistration
-            from gwms.protocols.client import Address
+            from gwms.gcb.client import Brokers
 
-            for broker_host, broker_port in config.pool["brokers"]:
-                registration = BrokerRegistration(reactor, Address(host=broker_host, port=broker_port),
-                                                  f"startd@{self.startd.machine}", self.factory,
-                                                  client_security(config), self._broker_address)
-                registration.setServiceParent(self)
-                self.brokers.append(registration)
+            self.brokers = Brokers(reactor, config.pool["brokers"], f"startd@{self.startd.machine}", self.factory,
+                                   client_security(config), self._broker_address)
+            self.brokers.setServiceParent(self)
         elif tcp is None:
             raise ConfigError(f"{config.source}: [pool] broker_only needs [pool] brokers")
         self.update_interval = settings["update_interval"]
@@ -731,16 +727,17 @@ class StartdService(service.MultiService):
         self.listener._listening.addCallback(self._listening)
 
     def _listening(self, _: Any) -> None:
-        if not self.brokers:
+        if self.brokers is None:
             self._set_address(str(self.listener.address))
         self._updates.start(self.update_interval, now=False)
         self._housekeeping.start(self.housekeeping_interval, now=False)
 
-    def _broker_address(self, public: str | None) -> None:
+    def _broker_address(self) -> None:
         """A broker registered this startd (again), or its tunnel went down: the contact is its
         address at the first broker that has it registered now (another one takes over while
         the first is down)."""
-        registered = next((b for b in self.brokers if b.public), None)
+        assert self.brokers is not None
+        registered = self.brokers.current
         if registered is None:
             return  # none at the moment: the last address stays (it comes back on the same port)
         self.startd.broker = (str(registered.broker), registered.daemon_name)
@@ -749,7 +746,7 @@ class StartdService(service.MultiService):
 
     def _set_address(self, address: str) -> None:
         self.startd.address = address
-        if self.brokers and self.address_file is not None:
+        if self.brokers is not None and self.address_file is not None:
             from gwms.daemon import write_address_file
 
             write_address_file(self.address_file, address)

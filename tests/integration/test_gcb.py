@@ -170,3 +170,43 @@ def test_with_two_brokers_the_second_takes_over_when_the_first_goes_away(creds, 
     done = wait_until(lambda: len(h := json.loads(gwms_cli("history", "--json", env=env).stdout or "[]")) == 3 and h,
                       60, "the jobs to complete through the second broker")
     assert sorted(j["ExitCode"] for j in done) == [0, 0, 0]
+
+
+def test_a_schedd_and_a_negotiator_without_ports_work_through_the_broker(creds, tmp_path, start_daemon, gwms_cli):
+    """Not only startds: a schedd and a negotiator that listen on no TCP port (local users
+    submit over the schedd's UNIX socket) are reached through the broker, and jobs run."""
+    (tmp_path / "grid-mapfile").write_text("")
+    first = write_config(tmp_path / "collector.toml", creds, tmp_path, "127.0.0.1:9618", "127.0.0.1:0", slots=1,
+                         cpus=1)
+    collector = start_daemon("collector", first, tmp_path)
+    config = write_config(tmp_path / "pool.toml", creds, tmp_path, collector.address, collector.address, slots=1,
+                          cpus=1)
+    text = config.read_text()
+    broker_config = tmp_path / "gcb.toml"
+    broker_config.write_text(text + '\n[gcb]\nlisten = "127.0.0.1:0"\ntunnel_listen = "127.0.0.1:0"\n'
+                                    f'address_file = "{tmp_path}/gcb.address"\n')
+    broker = start_daemon("gcb", broker_config, tmp_path)
+    hidden = tmp_path / "hidden.toml"
+    hidden.write_text(text.replace("[pool]\n", f'[pool]\nbrokers = ["{broker.address}"]\nbroker_only = true\n', 1))
+    negotiator_log = tmp_path / "negotiator.log"
+    start_daemon("startd", config, tmp_path, address_name="startd-wn1")
+    from gwms.cli.demo import start_daemon as spawn  # these two write no address file: they have no port
+
+    daemons = [spawn("negotiator", hidden, negotiator_log), spawn("schedd", hidden, tmp_path / "schedd.log")]
+    try:
+        wait_until(lambda: broker.log_text().count("registered:") == 2, 30, "schedd and negotiator to register")
+        env = {**os.environ, "GWMS_CONFIG": str(config)}
+        jobdir = tmp_path / "jobs"
+        jobdir.mkdir()
+        (jobdir / "jobs.sub").write_text(JOBS)
+        assert gwms_cli("submit", str(jobdir / "jobs.sub"), env=env).returncode == 0  # over the UNIX socket
+        done = wait_until(lambda: len(h := json.loads(gwms_cli("history", "--json", env=env).stdout or "[]")) == 3
+                          and h, 60, "the jobs of a brokered schedd to complete")
+        assert sorted(j["ExitCode"] for j in done) == [0, 0, 0]
+        for process in daemons:
+            assert listening_ports(process.pid) == set()
+        assert "relaying a connection" in broker.log_text()  # the negotiator reached the schedd this way
+    finally:
+        for process in daemons:
+            process.terminate()
+            process.wait(timeout=30)
