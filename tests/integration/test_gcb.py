@@ -49,22 +49,34 @@ def listening_ports(pid: int) -> set[int]:
     return ports
 
 
+def central_config(creds, tmp_path: Path, start_daemon, slots: int, **options) -> Path:
+    """A collector started, and the pool configuration every other daemon here starts from."""
+    (tmp_path / "grid-mapfile").write_text("")
+    first = write_config(tmp_path / "collector.toml", creds, tmp_path, "127.0.0.1:9618", "127.0.0.1:0", slots=slots,
+                         cpus=slots)
+    collector = start_daemon("collector", first, tmp_path)
+    return write_config(tmp_path / "pool.toml", creds, tmp_path, collector.address, collector.address, slots=slots,
+                        cpus=slots, **options)
+
+
+def broker_config(config: Path, name: str = "gcb", listen: str = "127.0.0.1:0", tunnel: str = "127.0.0.1:0",
+                  extra: str = "") -> Path:
+    """The pool's configuration plus a [gcb] section, for a broker named ``name``."""
+    path = config.parent / f"{name}.toml"
+    path.write_text(config.read_text() + f'\n[gcb]\nlisten = "{listen}"\ntunnel_listen = "{tunnel}"\n{extra}'
+                                         f'address_file = "{config.parent}/{name}.address"\n')
+    return path
+
+
 @pytest.mark.parametrize("connect_back", [True, False], ids=["connect-back", "relay"])
 def test_a_startd_without_a_port_joins_through_the_broker_and_runs_jobs(creds, tmp_path, start_daemon, gwms_cli,
                                                                         connect_back):
-    (tmp_path / "grid-mapfile").write_text("")
-    first = write_config(tmp_path / "collector.toml", creds, tmp_path, "127.0.0.1:9618", "127.0.0.1:0", slots=2,
-                         cpus=2)
-    collector = start_daemon("collector", first, tmp_path)
-    config = write_config(tmp_path / "pool.toml", creds, tmp_path, collector.address, collector.address, slots=2,
-                          cpus=2)
+    config = central_config(creds, tmp_path, start_daemon, slots=2)
     text = config.read_text()
-    broker_config = tmp_path / "gcb.toml"
     # Published as 127.0.0.2, a name the startd's certificate does not have: the schedd must
     # check the identity the collector authenticated for the slot instead of the host name.
-    broker_config.write_text(text + f'\n[gcb]\nlisten = "0.0.0.0:0"\ntunnel_listen = "127.0.0.1:0"\n'
-                                    f'public_host = "127.0.0.2"\naddress_file = "{tmp_path}/gcb.address"\n')
-    broker = start_daemon("gcb", broker_config, tmp_path)
+    broker = start_daemon("gcb", broker_config(config, listen="0.0.0.0:0", extra='public_host = "127.0.0.2"\n'),
+                          tmp_path)
     schedd_config = tmp_path / "schedd.toml"  # the schedd may ask the startd to connect back, or not
     schedd_config.write_text(text.replace("[pool]\n", f"[pool]\nconnect_back = {str(connect_back).lower()}\n", 1))
     start_daemon("negotiator", config, tmp_path)
@@ -98,17 +110,11 @@ def test_a_startd_without_a_port_joins_through_the_broker_and_runs_jobs(creds, t
 
 def test_after_a_broker_restart_the_startd_registers_again_at_the_same_address_and_jobs_go_on(
         creds, tmp_path, start_daemon, gwms_cli):
-    (tmp_path / "grid-mapfile").write_text("")
-    first = write_config(tmp_path / "collector.toml", creds, tmp_path, "127.0.0.1:9618", "127.0.0.1:0", slots=1,
-                         cpus=1)
-    collector = start_daemon("collector", first, tmp_path)
-    config = write_config(tmp_path / "pool.toml", creds, tmp_path, collector.address, collector.address, slots=1,
-                          cpus=1, periodic_interval=1)
+    config = central_config(creds, tmp_path, start_daemon, slots=1, periodic_interval=1)
     text = config.read_text()
-    broker_config = tmp_path / "gcb.toml"  # fixed ports: the broker comes back where it was
-    broker_config.write_text(text + f'\n[gcb]\nlisten = "127.0.0.1:{free_port()}"\n'
-                                    f'tunnel_listen = "127.0.0.1:{free_port()}"\naddress_file = "{tmp_path}/gcb.address"\n')
-    broker = start_daemon("gcb", broker_config, tmp_path)
+    # fixed ports: the broker comes back where it was
+    gcb = broker_config(config, listen=f"127.0.0.1:{free_port()}", tunnel=f"127.0.0.1:{free_port()}")
+    broker = start_daemon("gcb", gcb, tmp_path)
     for role in ("negotiator", "schedd"):
         start_daemon(role, config, tmp_path)
     worker_config = tmp_path / "worker.toml"
@@ -124,7 +130,7 @@ def test_after_a_broker_restart_the_startd_registers_again_at_the_same_address_a
     wait_until(lambda: (q := json.loads(gwms_cli("q", "--json", env=env).stdout or "[]")) and
                q[0]["JobStatus"] == 2, 30, "the job to run through the broker")
     broker.stop()  # the broker goes away while the job runs ...
-    restarted = start_daemon("gcb", broker_config, tmp_path)  # ... and comes back
+    restarted = start_daemon("gcb", gcb, tmp_path)  # ... and comes back
     wait_until(lambda: restarted.log_text().count(f"registered: {public}") == 2, 30,
                "the startd to register again, at its old public address")  # (the log goes on from the first run)
     done = wait_until(lambda: (h := json.loads(gwms_cli("history", "--json", env=env).stdout or "[]")) and h, 60,
@@ -133,19 +139,9 @@ def test_after_a_broker_restart_the_startd_registers_again_at_the_same_address_a
 
 
 def test_with_two_brokers_the_second_takes_over_when_the_first_goes_away(creds, tmp_path, start_daemon, gwms_cli):
-    (tmp_path / "grid-mapfile").write_text("")
-    first = write_config(tmp_path / "collector.toml", creds, tmp_path, "127.0.0.1:9618", "127.0.0.1:0", slots=1,
-                         cpus=1)
-    collector = start_daemon("collector", first, tmp_path)
-    config = write_config(tmp_path / "pool.toml", creds, tmp_path, collector.address, collector.address, slots=1,
-                          cpus=1)
+    config = central_config(creds, tmp_path, start_daemon, slots=1)
     text = config.read_text()
-    brokers = []
-    for name in ("gcb1", "gcb2"):
-        broker_config = tmp_path / f"{name}.toml"
-        broker_config.write_text(text + '\n[gcb]\nlisten = "127.0.0.1:0"\ntunnel_listen = "127.0.0.1:0"\n'
-                                        f'address_file = "{tmp_path}/{name}.address"\n')
-        brokers.append(start_daemon("gcb", broker_config, tmp_path, address_name=name))
+    brokers = [start_daemon("gcb", broker_config(config, name), tmp_path, address_name=name) for name in ("gcb1", "gcb2")]
     for role in ("negotiator", "schedd"):
         start_daemon(role, config, tmp_path)
     worker_config = tmp_path / "worker.toml"
@@ -175,17 +171,9 @@ def test_with_two_brokers_the_second_takes_over_when_the_first_goes_away(creds, 
 def test_a_schedd_and_a_negotiator_without_ports_work_through_the_broker(creds, tmp_path, start_daemon, gwms_cli):
     """Not only startds: a schedd and a negotiator that listen on no TCP port (local users
     submit over the schedd's UNIX socket) are reached through the broker, and jobs run."""
-    (tmp_path / "grid-mapfile").write_text("")
-    first = write_config(tmp_path / "collector.toml", creds, tmp_path, "127.0.0.1:9618", "127.0.0.1:0", slots=1,
-                         cpus=1)
-    collector = start_daemon("collector", first, tmp_path)
-    config = write_config(tmp_path / "pool.toml", creds, tmp_path, collector.address, collector.address, slots=1,
-                          cpus=1)
+    config = central_config(creds, tmp_path, start_daemon, slots=1)
     text = config.read_text()
-    broker_config = tmp_path / "gcb.toml"
-    broker_config.write_text(text + '\n[gcb]\nlisten = "127.0.0.1:0"\ntunnel_listen = "127.0.0.1:0"\n'
-                                    f'address_file = "{tmp_path}/gcb.address"\n')
-    broker = start_daemon("gcb", broker_config, tmp_path)
+    broker = start_daemon("gcb", broker_config(config), tmp_path)
     hidden = tmp_path / "hidden.toml"
     hidden.write_text(text.replace("[pool]\n", f'[pool]\nbrokers = ["{broker.address}"]\nbroker_only = true\n', 1))
     negotiator_log = tmp_path / "negotiator.log"
