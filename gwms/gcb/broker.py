@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from gwms import classads
 from gwms.config import HostConfig
 from gwms.daemon import DaemonOptions, MessageListener, message_factory
-from gwms.protocols.messages import Command, CommandError, Request
+from gwms.protocols.messages import Command, CommandError, Request, no_delay
 
 log = Logger()
 
@@ -70,8 +70,6 @@ class TunnelGreeting(Protocol):
             log.warn("gcb: a tunnel with an unknown secret: closed")
             self.transport.loseConnection()
             return
-        from gwms.protocols.relay import no_delay
-
         no_delay(self.transport)
         mux = self.broker.make_mux()
         self.transport.protocol = mux  # from here on the connection speaks the mux

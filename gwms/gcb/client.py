@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from gwms import classads
 from gwms.gcb.broker import TUNNEL_GREETING
 from gwms.protocols.client import Address, ClientSecurity, DaemonClient
+from gwms.protocols.messages import no_delay
 
 log = Logger()
 
@@ -34,8 +35,6 @@ class TunnelClient(Protocol):
         self.lost = lost
 
     def connectionMade(self) -> None:
-        from gwms.protocols.relay import no_delay
-
         no_delay(self.transport)
         self.transport.write(TUNNEL_GREETING + self.secret.encode("ascii") + b"\n")
         self.transport.protocol = self.mux
@@ -61,8 +60,6 @@ class ConnectBack(Protocol):
         self.server_factory = server_factory
 
     def connectionMade(self) -> None:
-        from gwms.protocols.relay import no_delay
-
         no_delay(self.transport)
         self.transport.write(CONNECT_BACK_GREETING + self.nonce.encode("ascii") + b"\n")
         protocol = self.server_factory.buildProtocol(self.transport.getPeer())

@@ -133,6 +133,18 @@ class Request:
         return self.connection.decide(self.command, level).allowed
 
 
+def no_delay(transport: Any) -> None:
+    """TCP_NODELAY where the transport has it. Request/reply traffic of small frames (and the
+    relay's tunnels, gwms.protocols.relay): without it Nagle's algorithm meets the peer's
+    delayed ACK and replies wait tens of milliseconds."""
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        try:
+            set_no_delay(True)
+        except OSError:
+            pass
+
+
 class _FramedProtocol(Protocol, TimeoutMixin):
     """Framing, write batching and timeouts shared by both ends."""
 
@@ -197,14 +209,7 @@ class _FramedProtocol(Protocol, TimeoutMixin):
         raise NotImplementedError
 
     def no_delay(self) -> None:
-        """Request/reply traffic of small frames: without TCP_NODELAY, Nagle's algorithm and
-        delayed ACKs hold many replies back by tens of milliseconds."""
-        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
-        if set_no_delay is not None:
-            try:
-                set_no_delay(True)
-            except OSError:
-                pass
+        no_delay(self.transport)
 
     def close(self) -> None:
         self.flush()

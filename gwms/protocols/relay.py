@@ -60,6 +60,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from gwms.protocols.messages import no_delay
+
 log = Logger()
 
 LENGTH = struct.Struct("!I")
@@ -847,14 +849,6 @@ class _StreamToConnection(Protocol):
             tcp.loseConnection()
         else:
             tcp.abortConnection()
-
-
-def no_delay(transport: Any) -> None:
-    """Relayed traffic is many small frames (a TLS handshake, requests): without TCP_NODELAY
-    Nagle's algorithm meets the peer's delayed ACK and every new relayed connection waited 44 ms."""
-    set_no_delay = getattr(transport, "setTcpNoDelay", None)
-    if set_no_delay is not None:
-        set_no_delay(True)
 
 
 class RelayedConnection(Protocol):

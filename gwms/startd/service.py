@@ -26,7 +26,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from gwms import classads
-from gwms.config import ConfigError, HostConfig
+from gwms.config import HostConfig
 from gwms.daemon import DaemonOptions, MessageListener, collectors, message_factory
 from gwms.protocols.messages import Command, CommandError, Items, Request
 from gwms.protocols.transfer import TransferError, decode_chunk, encode_chunk
@@ -677,23 +677,21 @@ class StartdService(service.MultiService):
         self.factory = message_factory(reactor, config, self.startd.commands())
         tls = self.factory.security.tls
         self.startd.tls_pin = tls.fingerprint if tls is not None else None
-        host, port = settings["listen"]
+        from gwms.gcb.client import Brokers, brokered_listener_options
+
         # With broker_only the startd listens on no port at all: schedds reach it through its
-        # brokers (gwms.gcb), which relay to it over the tunnels it opened.
-        tcp = None if config.pool["broker_only"] else (host, port)
+        # brokers (gwms.gcb), which relay to it or have it connect back.
+        tcp, brokered = brokered_listener_options(config, settings["listen"])
         self.listener = MessageListener(reactor, self.factory, tcp, None, settings["address_file"])
         self.listener.setServiceParent(self)
         self.brokers = None
         self.address_file = settings["address_file"]
-        if config.pool["brokers"]:
+        if brokered:
             from gwms.daemon import client_security
-            from gwms.gcb.client import Brokers
 
             self.brokers = Brokers(reactor, config.pool["brokers"], f"startd@{self.startd.machine}", self.factory,
                                    client_security(config), self._broker_address)
             self.brokers.setServiceParent(self)
-        elif tcp is None:
-            raise ConfigError(f"{config.source}: [pool] broker_only needs [pool] brokers")
         self.update_interval = settings["update_interval"]
         self.grace = settings["shutdown_grace"]
         self._updates = LoopingCall(self.advertise_all)
