@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 
 from gwms import classads, userfiles
@@ -27,6 +26,8 @@ from gwms.startd.service import Startd
 from gwms.startd.starter import PROXY_FILE
 from gwms.testing import network
 from gwms.testing.pool import MemoryPool
+
+from startd_fakes import FakeProcess as EnvProcess, FakeRequest, ad
 
 UTC = dt.timezone.utc
 ALICE = "/O=gwms/OU=Users/CN=alice"
@@ -165,45 +166,6 @@ class Switch:
 
     def prepare_sandbox(self, job, sandbox):
         return JobIdentity(uid=4321, gid=4322, user="job")
-
-
-class EnvProcess:
-    """Finishes when told to; remembers the environment it was started with."""
-
-    def __init__(self, reactor, switch, job, argv, env, sandbox, stdin, stdout, stderr, marker):
-        self.finished = defer.Deferred()
-        self.pid = 4242
-        self.env = dict(env)
-
-    def start(self):
-        pass
-
-    def usage(self):
-        from gwms.startd.process import Usage
-
-        return Usage(0.0, 0.0, 0.0, 0)
-
-    def kill(self, grace):
-        self.end(signal=9)
-        return defer.succeed(None)
-
-    def end(self, code=None, signal=None):
-        from gwms.startd.process import JobResult, Usage
-
-        if not self.finished.called:
-            self.finished.callback(JobResult(code, signal, Usage(0.1, 0.0, 1.0, 100), 0))
-
-
-@dataclass
-class FakeRequest:
-    ad: Any
-
-
-def ad(**values):
-    a = classads.ClassAd()
-    for k, v in values.items():
-        a[k] = v
-    return a
 
 
 def proxy_job(**extra):

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
 
 import pytest
-from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 
 from gwms import classads
@@ -14,52 +11,14 @@ from gwms.config import parse_config
 from gwms.protocols.messages import CommandError
 from gwms.startd.service import Startd
 
+from startd_fakes import FakeProcess, FakeRequest, ad
+
 
 class Switch:
     name = "fake"
 
     def prepare_sandbox(self, job, sandbox):
         return None
-
-
-class FakeProcess:
-    """Finishes when told to; records kills."""
-
-    def __init__(self, reactor, switch, job, argv, env, sandbox, stdin, stdout, stderr, marker):
-        self.finished = defer.Deferred()
-        self.pid = 4242
-        self.killed = None
-
-    def start(self):
-        pass
-
-    def usage(self):
-        from gwms.startd.process import Usage
-
-        return Usage(0.0, 0.0, 0.0, 0)
-
-    def kill(self, grace):
-        self.killed = grace
-        self.end(signal=9)
-        return defer.succeed(None)
-
-    def end(self, code=None, signal=None):
-        from gwms.startd.process import JobResult, Usage
-
-        if not self.finished.called:
-            self.finished.callback(JobResult(code, signal, Usage(0.1, 0.0, 1.0, 100), 0))
-
-
-@dataclass
-class FakeRequest:
-    ad: Any
-
-
-def ad(**values):
-    a = classads.ClassAd()
-    for k, v in values.items():
-        a[k] = v
-    return a
 
 
 def job(owner="alice", cpus=1, memory=100, **extra):
