@@ -3,10 +3,10 @@
 Starts a real ``twistd -n gwms-collector`` on 127.0.0.1 (TLS; READ open to all, ADVERTISE_STARTD
 for the pilot DN only), publishes an entry's glidein files as the factory does (the stock
 validation scripts, the CA, an attributes file) into a store served by ``GlideinFilesResource``
-from a child process, and starts glideins the way the factory's ``local`` grid does: the
-``gwms.plugins.grid_local.WRAPPER`` shell, as a new session, running ``sh glidein_startup.sh``
-with the options ``gwms.factory.cycle.Factory.glidein_arguments`` gives, a staged copy of the pilot credential
-(``gwms.pool.ensure_credentials``) and ``-python`` this Python (which has gwms).
+from a child process, and submits glideins with the factory's own code: the options
+``gwms.factory.cycle.Factory.glidein_arguments`` gives, handed to the ``local`` grid
+(``gwms.plugins.grid_local.LocalGridSubmitter``: its wrapper shell in a new session, the pilot
+credential from ``gwms.pool.ensure_credentials`` staged 0600, ``-python`` this Python).
 
 Latency: from the moment the wrapper is started until the glidein's slot ad is in the collector
 (this process polls it over one persistent connection every 20 ms, constraint on GLIDEIN_Name).
@@ -243,7 +243,8 @@ def main() -> None:
     from gwms.cli.demo import twistd_command, wait_for_file
     from gwms.config import parse_config
     from gwms.glidein.files import startup_script
-    from gwms.plugins.grid_local import WRAPPER
+    from gwms.factory.grid import GlideinSubmission
+    from gwms.plugins.grid_local import LocalGridSubmitter
     from gwms.pool import HOST_DN, PILOT_DN, ensure_credentials
     from gwms.protocols.client import Address, ClientSecurity, CollectorList, query_ads
 
@@ -295,24 +296,19 @@ def main() -> None:
         request = Request(client=CLIENT, identity=HOST_DN, idle=1, max_glideins=1, remove_excess="NO",
                           collectors=collector_address, trusted=[HOST_DN])
 
+        # The local grid's own code starts the glideins (in a clean environment: no proxy).
+        os.environ.clear()
+        os.environ.update(env)
+        local = LocalGridSubmitter(None, work / "local", script)
+
         def submit(name: str) -> tuple[Path, float, float]:
-            """What LocalGridSubmitter.submit does for one glidein; (its directory, wall and
+            """One glidein, as the factory submits it to the local grid; (its directory, wall and
             perf_counter times of the submission)."""
-            d = work / "local" / ENTRY / name
-            d.mkdir(parents=True)
-            staged = d / "credential"
-            fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                out.write(creds["pilot"].read_bytes())
-            # The factory's options for this glidein, then what the local grid adds.
-            options = [*factory.glidein_arguments(entry, request, name),
-                       "-credential", str(staged), "-python", sys.executable, "-workdir", str(d)]
             wall, t0 = time.time(), time.perf_counter()
-            glideins[name] = subprocess.Popen(["/bin/sh", "-c", WRAPPER, "gwms-local-glidein", str(d), str(script),
-                                               *options], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                              stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
-                                              env=env)
-            return d, wall, t0
+            local.submit({"name": ENTRY}, [GlideinSubmission(name, factory.glidein_arguments(entry, request, name),
+                                                             creds["pilot"])])
+            glideins[name] = local.children[name]
+            return work / "local" / ENTRY / name, wall, t0
 
         from twisted.internet import defer, task
 
