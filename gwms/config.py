@@ -207,8 +207,9 @@ FACTORY_KEYS: dict[str, Key] = {
 
 # [factory.entry.NAME]: one per Grid CE or batch queue.
 ENTRY_KEYS: dict[str, Key] = {
-    "grid": Key("str", "local", "The IGridSubmitter plugin: local, or module:Class."),
-    "contact": Key("str", "", "The CE or batch queue the plugin submits to (the local plugin needs none)."),
+    "grid": Key("str", "local", "The IGridSubmitter plugin: local, slurm, ssh, or module:Class."),
+    "contact": Key("str", "", "Where the plugin submits: for ssh, user@host or user@host:port; the local and "
+                              "slurm plugins need none (it is advertised as GLIDEIN_Contact)."),
     "enabled": Key("bool", True, "A disabled entry is advertised as such and submits nothing."),
     "attributes": Key("table", {}, "Attributes the entry publishes and its glideins carry (GLIDEIN_Site, "
                                    "GLIDEIN_CPUS, GLIDEIN_MaxMemMBs, ...: name = value)."),
@@ -233,6 +234,23 @@ ENTRY_KEYS: dict[str, Key] = {
     "worker_listen": Key("str", "127.0.0.1", "Address the glideins' startds listen on."),
     "brokers": Key("strlist", [], "GCB brokers (host:port) the glideins register with: for nodes that can only "
                                   "connect out, their startds listen on no port and are reached through them."),
+    "http_proxy": Key("str", None, "HTTP proxy (a Squid near the workers, http://host:port) the glideins fetch "
+                                   "their files through; the files are content-addressed and cacheable."),
+    "worker_dir": Key("str", None, "Directory on the worker node under which a batch glidein makes its own "
+                                   "(slurm, ssh; default: $TMPDIR, else /tmp; for ssh/fork: its remote work area)."),
+    "partition": Key("str", None, "Slurm partition (slurm, and ssh with remote_batch = slurm)."),
+    "account": Key("str", None, "Slurm account charged for the glideins."),
+    "qos": Key("str", None, "Slurm quality of service."),
+    "slurm_options": Key("strlist", [], "More sbatch options, each one word (e.g. \"--mem=2G\", "
+                                        "\"--constraint=cvmfs\")."),
+    "nodes": Key("int", 1, "Nodes per Slurm job: with more than 1, one glidein starts on each node (srun)."),
+    "remote_batch": Key("str", "fork", "For ssh: the batch system on the remote host: slurm, or fork (glideins run "
+                                       "as processes of the remote host)."),
+    "remote_dir": Key("str", ".gwms", "For ssh: the remote work area (relative to the remote home, or absolute)."),
+    "ssh_key": Key("path", None, "For ssh: the private key to log in with."),
+    "ssh_known_hosts": Key("path", None, "For ssh: known_hosts file with the remote's host key (strict checking; "
+                                         "default: ~/.ssh/known_hosts)."),
+    "ssh_options": Key("strlist", [], "For ssh: more ssh -o options (e.g. \"ConnectTimeout=20\")."),
 }
 
 FRONTEND_KEYS: dict[str, Key] = {

@@ -35,6 +35,7 @@ from twisted.logger import Logger
 
 from gwms import classads
 from gwms.config import ConfigError, HostConfig
+from gwms.plugins.commands import CommandError
 from gwms.factory.grid import FINISHED, HELD, QUEUED, RUNNING, GlideinSubmission, GridStatus
 from gwms.factory.records import IDLE_STATES, REMOVING, Glidein, GlideinRecords
 from gwms.protocols.client import CollectorList, first_failure, query_ads
@@ -155,6 +156,11 @@ class Factory:
             if entry["pilot_token"] and settings["token_signing_key"] is None:
                 raise ConfigError(f"{config.source}: [factory.entry.{name}] pilot_token needs [factory] "
                                   "token_signing_key")
+            proxy = entry["http_proxy"]
+            if proxy is not None and (not proxy.startswith("http://") or len(proxy) <= len("http://")
+                                      or any(c.isspace() for c in proxy)):
+                raise ConfigError(f"{config.source}: [factory.entry.{name}] http_proxy must be an http:// URL, "
+                                  f"got {proxy!r}")
         self.cycles = 0
 
     # -- one cycle -----------------------------------------------------------------------------
@@ -171,6 +177,8 @@ class Factory:
             try:
                 yield self._track(entry)
                 yield self._act(entry)
+            except CommandError as e:  # the batch system did not answer: try again next cycle
+                log.warn("factory: the cycle of entry {entry} stopped: {error}", entry=entry.name, error=str(e))
             except Exception:
                 log.failure("factory: the cycle of entry {entry} failed", entry=entry.name)
         yield self.advertise()
@@ -436,6 +444,8 @@ class Factory:
             args += ["-client_web", request.client_files[0], "-client_descript", request.client_files[1]]
         if s["python"]:
             args += ["-python", s["python"]]
+        if s["http_proxy"]:
+            args += ["-http_proxy", s["http_proxy"]]
         return tuple(args)
 
     # -- advertising ---------------------------------------------------------------------------

@@ -26,6 +26,7 @@ usage: glidein_startup.sh -web URL -descript SHA256 -entry NAME -factory NAME -c
            -credential PATH -lifetime SECONDS [-retire SECONDS] [-idle SECONDS]
            [-credential_margin SECONDS] [-failure_backoff SECONDS] [-listen HOST]
            [-python PATH] [-workdir DIR] [-client_web URL -client_descript SHA256]
+           [-batch_time_limit SECONDS] [-http_proxy URL]
 USAGE
     exit 2
 }
@@ -47,13 +48,14 @@ nl='
 
 web= descript= entry= factory= client= name= collectors= credential= lifetime= retire=
 idle=1200 margin=300 backoff=0 listen=127.0.0.1 python=python3 workdir=
+batch_time_limit= http_proxy_url=
 trusted= client_web= client_descript= client_web_given= client_descript_given=
 while [ $# -gt 0 ]; do
     opt=$1
     case $opt in
         -web|-descript|-entry|-factory|-client|-name|-collectors|-trusted|-credential|-lifetime|\
         -retire|-idle|-credential_margin|-failure_backoff|-listen|-python|-workdir|\
-        -client_web|-client_descript) ;;
+        -client_web|-client_descript|-batch_time_limit|-http_proxy) ;;
         *) usage "unknown option: $opt" ;;
     esac
     [ $# -ge 2 ] || usage "option $opt needs a value"
@@ -80,6 +82,8 @@ while [ $# -gt 0 ]; do
         -workdir) workdir=$value ;;
         -client_web) client_web=$value client_web_given=1 ;;
         -client_descript) client_descript=$value client_descript_given=1 ;;
+        -batch_time_limit) batch_time_limit=$value ;;
+        -http_proxy) http_proxy_url=$value ;;
     esac
     shift 2
 done
@@ -96,6 +100,22 @@ is_count() {
     return 0
 }
 is_count "$lifetime" && [ "$lifetime" -gt 0 ] || usage "-lifetime must be a positive whole number of seconds, got '$lifetime'"
+# A batch system's time limit (the plugin that set it passes it): the glidein ends before the
+# batch system kills it, leaving the startd time to give its jobs back and the glidein time to
+# clean up: a tenth of the limit, at least 15 s, at most 5 minutes.
+if [ -n "$batch_time_limit" ]; then
+    is_count "$batch_time_limit" && [ "$batch_time_limit" -gt 0 ] \
+        || usage "-batch_time_limit must be a positive whole number of seconds, got '$batch_time_limit'"
+    stop_margin=$((batch_time_limit / 10))
+    [ "$stop_margin" -ge 15 ] || stop_margin=15
+    [ "$stop_margin" -le 300 ] || stop_margin=300
+    limit_lifetime=$((batch_time_limit - stop_margin))
+    [ "$limit_lifetime" -gt 0 ] || usage "-batch_time_limit $batch_time_limit leaves no time to run (15 s are kept to stop)"
+    if [ "$limit_lifetime" -lt "$lifetime" ]; then
+        lifetime=$limit_lifetime
+        if [ -n "$retire" ] && [ "$retire" -gt $((lifetime - lifetime / 10)) ]; then retire=; fi
+    fi
+fi
 [ -n "$retire" ] || retire=$((lifetime - lifetime / 10))
 for pair in "retire:$retire" "idle:$idle" "credential_margin:$margin" "failure_backoff:$backoff"; do
     is_count "${pair#*:}" || usage "-${pair%%:*} must be a whole number of seconds, got '${pair#*:}'"
@@ -123,6 +143,18 @@ if [ -n "$client_web_given" ]; then
     esac
     check_sha256_option -client_descript "$client_descript"
     client_web=${client_web%/}
+fi
+
+# The entry's HTTP proxy (a Squid near the workers) for the glidein's own downloads: the
+# files are content-addressed, so the cache may keep them. curl, wget and Python all read
+# http_proxy; no_proxy is cleared so that a site-wide bypass list does not skip the cache.
+if [ -n "$http_proxy_url" ]; then
+    case $http_proxy_url in
+        http://?*) ;;
+        *) usage "-http_proxy must be an http:// URL, got '$http_proxy_url'" ;;
+    esac
+    http_proxy=$http_proxy_url no_proxy= NO_PROXY=
+    export http_proxy no_proxy NO_PROXY
 fi
 
 here=$(pwd) || die "cannot tell the current directory"

@@ -26,6 +26,8 @@ IDENTITY_SWITCHES: Mapping[str, str] = {
 }
 GRID_SUBMITTERS: Mapping[str, str] = {
     "local": "gwms.plugins.grid_local:LocalGridSubmitter",
+    "slurm": "gwms.plugins.grid_slurm:SlurmGridSubmitter",
+    "ssh": "gwms.plugins.grid_ssh:SSHGridSubmitter",
 }
 AUTHORIZERS: Mapping[str, str] = {
     "lists": "gwms.plugins.authorization:ListAuthorizer",

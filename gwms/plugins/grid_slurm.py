@@ -1,17 +1,23 @@
 """The ``slurm`` grid: each glidein is one Slurm batch job, submitted with ``sbatch``, followed
-with one ``squeue`` per entry per cycle, removed with ``scancel``.
+with one ``squeue`` (and, for jobs Slurm has already purged, one ``sacct``) per entry per cycle,
+removed with ``scancel``.
 
-The plugin keeps a glidein's files under ``<factory work_dir>/slurm/<entry>/``:
-``<glidein id>.sh`` (the batch script), ``<glidein id>.credential`` (mode 0600),
-``<glidein id>.out``/``.err`` (the job's output). The grid id is Slurm's job id.
+:class:`SlurmBatch` holds the command lines and the parsing of their output; it runs them
+through a runner, so the same code drives a local Slurm (this module's
+:class:`SlurmGridSubmitter`) and a remote one over SSH (``gwms.plugins.grid_ssh``).
 
-Entry keys used: ``contact`` (the partition), ``account``, ``qos``, ``max_walltime``
-(seconds; the job's ``--time`` in whole minutes, at least 1), ``python`` (optional: passed to
-glidein_startup.sh as ``-python`` on the worker node).
+The job script carries glidein_startup.sh and the credential (``gwms.plugins.glidein_job``): the
+worker nodes need no file system shared with the factory. The plugin keeps a glidein's files
+under ``<factory work_dir>/slurm/<entry>/``: ``<glidein id>.sh`` (the job script, mode 0600: it
+holds the credential), ``<glidein id>.out``/``.err`` (the job's output, written there by Slurm:
+the factory's log area), ``<glidein id>.jobid``. The grid id is Slurm's job id.
 
-Commands run through a runner, ``run(argv, timeout)`` firing with ``(exit code, stdout,
-stderr)``; the default one spawns the process through the reactor. A command that exits
-non-zero or times out fails the Deferred with :class:`SlurmCommandError`.
+The job's ``--time`` is the entry's ``max_walltime`` in whole minutes (at least one), and the
+glidein is told that limit (``-batch_time_limit``): it retires and ends before Slurm would kill
+it, so its jobs go back to their schedds and it removes its files.
+
+Entry keys: ``partition``, ``account``, ``qos``, ``slurm_options`` (more sbatch options),
+``nodes`` (one glidein per node of a multi-node job, started with srun), ``worker_dir``.
 """
 
 from __future__ import annotations
@@ -19,21 +25,20 @@ from __future__ import annotations
 import os
 import shlex
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from twisted.internet import defer
-from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from gwms.factory.grid import FINISHED, HELD, QUEUED, RUNNING, GlideinSubmission, GridStatus
 from gwms.interfaces import IGridSubmitter
+from gwms.plugins.commands import DEFAULT_TIMEOUT, CommandError, Runner, checked, reactor_runner
+from gwms.plugins.glidein_job import job_script
 
 log = Logger()
 
-COMMAND_TIMEOUT = 60.0
-
-# Slurm job states (squeue %T) -> gwms grid states.
+# Slurm job states (squeue %T, sacct State) -> gwms grid states.
 STATE_MAP: dict[str, str] = {
     "PENDING": QUEUED,
     "CONFIGURING": QUEUED,
@@ -64,52 +69,10 @@ STATE_MAP: dict[str, str] = {
 # A PENDING job with one of these reasons will never start by itself: it is held.
 HELD_REASONS = ("JobHeldUser", "JobHeldAdmin", "held")
 
-Runner = Callable[[Sequence[str], float], "defer.Deferred[tuple[int, str, str]]"]
-
-
-class SlurmCommandError(Exception):
-    def __init__(self, argv: Sequence[str], exit_code: int | None, stderr: str) -> None:
-        self.argv = list(argv)
-        self.exit_code = exit_code
-        self.stderr = stderr
-        how = "failed" if exit_code is None else f"exited {exit_code}"
-        super().__init__(f"{argv[0]} {how}: {stderr.strip()[:500]}")
-
-
-def default_runner(reactor: Any) -> Runner:
-    """A runner spawning the command through ``reactor`` (no shell), killed after ``timeout``."""
-
-    def run(argv: Sequence[str], timeout: float) -> defer.Deferred[tuple[int, str, str]]:
-        try:
-            d = getProcessOutputAndValue(argv[0], list(argv[1:]), env=dict(os.environ), reactor=reactor)
-        except OSError as e:
-            return defer.fail(SlurmCommandError(argv, None, f"did not run: {e}"))
-        d.addTimeout(timeout, reactor)
-
-        def done(result: tuple[bytes, bytes, int]) -> tuple[int, str, str]:
-            out, err, code = result
-            return code, out.decode(errors="replace"), err.decode(errors="replace")
-
-        def failed(f: Any) -> Any:
-            if f.check(defer.TimeoutError, defer.CancelledError):
-                raise SlurmCommandError(argv, None, f"no answer in {timeout:g}s")
-            raise SlurmCommandError(argv, None, f"did not run: {f.getErrorMessage()}")
-
-        return d.addCallbacks(done, failed)
-
-    return run
-
-
-def _checked(runner: Runner, argv: Sequence[str], timeout: float) -> defer.Deferred[tuple[str, str]]:
-    """Run ``argv``; fire with (stdout, stderr), or fail with SlurmCommandError if non-zero."""
-
-    def check(result: tuple[int, str, str]) -> tuple[str, str]:
-        code, out, err = result
-        if code != 0:
-            raise SlurmCommandError(argv, code, err)
-        return out, err
-
-    return defer.maybeDeferred(runner, list(argv), timeout).addCallback(check)
+# What squeue says when none of the ids it was asked about is still known.
+UNKNOWN_JOBS = "Invalid job id specified"
+# What sacct says on a cluster without slurmdbd; `sacct -c` then reads the job completion log.
+NO_ACCOUNTING = "accounting storage is disabled"
 
 
 def parse_job_id(output: str) -> str | None:
@@ -121,9 +84,11 @@ def parse_job_id(output: str) -> str | None:
     return job_id if job_id.isdigit() else None
 
 
-def map_state(state: str, reason: str) -> GridStatus | None:
-    """A squeue (state, reason) as a GridStatus, or None for an unknown state."""
-    state = state.strip().upper()
+def map_state(state: str, reason: str = "", exit_code: int | None = None) -> GridStatus | None:
+    """A Slurm (state, reason) as a GridStatus, or None for an unknown state. sacct writes
+    "CANCELLED by 0": the first word is the state."""
+    words = state.strip().upper().split()
+    state = words[0] if words else ""
     reason = reason.strip()
     if reason in ("None", "(null)"):
         reason = ""
@@ -135,34 +100,172 @@ def map_state(state: str, reason: str) -> GridStatus | None:
     if grid_state == HELD:
         return GridStatus(HELD, None, f"{state}: {reason}" if reason else state)
     if grid_state == FINISHED:
-        return GridStatus(FINISHED, None, state)
+        if exit_code is None and state == "COMPLETED":
+            exit_code = 0  # Slurm says COMPLETED only for exit code 0
+        return GridStatus(FINISHED, exit_code, state)
     return GridStatus(grid_state)
+
+
+def _split(output: str, fields: int, what: str) -> list[list[str]]:
+    rows = []
+    for line in output.splitlines():
+        if not line.strip():
+            continue
+        parts = [p.strip() for p in line.strip().split("|")]
+        if len(parts) != fields or not parts[0]:
+            log.warn("{what}: odd line skipped: {line!r}", what=what, line=line[:300])
+            continue
+        rows.append(parts)
+    return rows
 
 
 def parse_squeue(output: str) -> dict[str, GridStatus]:
     """Parse ``squeue --noheader --format=%i|%T|%r`` output; odd lines are logged and skipped."""
     out: dict[str, GridStatus] = {}
-    for line in output.splitlines():
-        if not line.strip():
-            continue
-        fields = line.strip().split("|")
-        if len(fields) != 3 or not fields[0].strip():
-            log.warn("squeue: odd line skipped: {line!r}", line=line)
-            continue
-        job_id, state, reason = fields
+    for job_id, state, reason in _split(output, 3, "squeue"):
         status = map_state(state, reason)
         if status is None:
             log.warn("squeue: unknown state {state!r} for job {job}, skipped", state=state, job=job_id)
             continue
-        out[job_id.strip()] = status
+        out[job_id] = status
     return out
 
 
-BATCH_SCRIPT = """#!/bin/sh
-# gwms glidein {glidein_id}
-workdir="${{TMPDIR:-${{SLURM_SUBMIT_DIR:-$PWD}}}}"
-exec sh {startup} {args} -workdir "$workdir"
-"""
+def parse_sacct(output: str) -> dict[str, GridStatus]:
+    """Parse ``sacct --noheader --parsable2 --format=JobIDRaw,State,ExitCode`` output: one line
+    per job and per step ("123.batch", skipped); ExitCode is "code:signal"."""
+    out: dict[str, GridStatus] = {}
+    for job_id, state, exit_code in _split(output, 3, "sacct"):
+        if not job_id.isdigit():
+            continue  # a step, or an array/het job id gwms never submits
+        code_text = exit_code.split(":", 1)[0]
+        status = map_state(state, "", int(code_text) if code_text.isdigit() else None)
+        if status is None:
+            log.warn("sacct: unknown state {state!r} for job {job}, skipped", state=state, job=job_id)
+            continue
+        out[job_id] = status
+    return out
+
+
+def time_limit_minutes(entry: Mapping[str, Any]) -> int:
+    """The job's --time: the entry's max_walltime in whole minutes, at least one."""
+    return max(1, int(float(entry.get("max_walltime", 86400.0)) // 60))
+
+
+def glidein_arguments(entry: Mapping[str, Any], g: GlideinSubmission) -> list[str]:
+    """glidein_startup.sh's arguments for a Slurm job: the factory's, and the time limit."""
+    return [*g.arguments, "-batch_time_limit", str(60 * time_limit_minutes(entry))]
+
+
+class SlurmBatch:
+    """sbatch, squeue, sacct and scancel through ``runner`` (local, or over SSH)."""
+
+    def __init__(self, runner: Runner, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.runner = runner
+        self.timeout = timeout
+        self.sacct_completion_log = False  # no slurmdbd: sacct -c reads the job completion log
+        self.sacct_unavailable = False
+
+    def sbatch_argv(self, entry: Mapping[str, Any], glidein_id: str, script: str, out_dir: str) -> list[str]:
+        """The sbatch command for one glidein's job script; its output goes to ``out_dir``."""
+        nodes = int(entry.get("nodes", 1) or 1)
+        argv = ["sbatch", "--parsable", f"--job-name=gwms-{glidein_id}", f"--time={time_limit_minutes(entry)}",
+                f"--output={out_dir}/{glidein_id}.out", f"--error={out_dir}/{glidein_id}.err"]
+        if nodes > 1:
+            argv.append(f"--nodes={nodes}")
+        for key, option in (("partition", "--partition"), ("account", "--account"), ("qos", "--qos")):
+            value = entry.get(key)
+            if value:
+                argv.append(f"{option}={value}")
+        argv += [str(o) for o in entry.get("slurm_options") or ()]
+        argv.append(script)
+        return argv
+
+    @staticmethod
+    def script(entry: Mapping[str, Any], g: GlideinSubmission, startup: bytes, credential: bytes | None,
+               out_dir: str) -> str:
+        """The job script of glidein ``g`` (see gwms.plugins.glidein_job)."""
+        nodes = int(entry.get("nodes", 1) or 1)
+        worker_dir = entry.get("worker_dir")
+        parent = shlex.quote(worker_dir) if worker_dir else '"${TMPDIR:-/tmp}"'
+        node_output = (f"{out_dir}/{g.glidein_id}.node%n.out", f"{out_dir}/{g.glidein_id}.node%n.err")
+        return job_script(g.glidein_id, startup, glidein_arguments(entry, g), credential, parent, nodes,
+                          node_output if nodes > 1 else None)
+
+    @defer.inlineCallbacks
+    def sbatch(self, argv: Sequence[str]) -> Any:
+        """Run sbatch; fires with the job id, or fails with CommandError."""
+        result = yield checked(self.runner, argv, self.timeout)
+        job_id = parse_job_id(result.stdout)
+        if job_id is None:
+            raise CommandError(argv, result.exit_code, f"gave no job id: stdout {result.stdout[:300]!r}, "
+                                                       f"stderr {result.stderr[:300]!r}")
+        return job_id
+
+    @defer.inlineCallbacks
+    def query(self, grid_ids: Sequence[str]) -> Any:
+        """{job id: GridStatus} for those Slurm still knows: one squeue for all of them, then
+        one sacct for those squeue no longer lists (finished more than MinJobAge ago)."""
+        ids = [str(i) for i in grid_ids]
+        if not ids:
+            return {}
+        argv = ["squeue", "--noheader", "--states=all", "--format=%i|%T|%r", f"--jobs={','.join(ids)}"]
+        result = yield defer.maybeDeferred(self.runner, argv, self.timeout, None)
+        if result.exit_code != 0:
+            if UNKNOWN_JOBS not in result.stderr:
+                raise CommandError(argv, result.exit_code, result.stderr or result.stdout)
+            statuses: dict[str, GridStatus] = {}  # none of them is in squeue any more
+        else:
+            statuses = parse_squeue(result.stdout)
+        wanted = set(ids)
+        statuses = {k: v for k, v in statuses.items() if k in wanted}
+        missing = [i for i in ids if i not in statuses]
+        if missing:
+            finished = yield self._sacct(missing)
+            statuses.update({k: v for k, v in finished.items() if k in wanted and v.state == FINISHED})
+        return statuses
+
+    @defer.inlineCallbacks
+    def _sacct(self, ids: Sequence[str]) -> Any:
+        if self.sacct_unavailable:
+            return {}
+        while True:
+            argv = ["sacct", *(["-c"] if self.sacct_completion_log else []), "--noheader", "--parsable2",
+                    "--format=JobIDRaw,State,ExitCode", f"--jobs={','.join(ids)}"]
+            result = yield defer.maybeDeferred(self.runner, argv, self.timeout, None)
+            if result.exit_code == 0:
+                return parse_sacct(result.stdout)
+            if NO_ACCOUNTING in result.stderr + result.stdout and not self.sacct_completion_log:
+                self.sacct_completion_log = True
+                continue
+            # Without accounting or a completion log, a job squeue no longer lists has simply
+            # ended; the factory takes an absent job for a finished one.
+            log.warn("slurm: sacct does not answer ({error}); jobs squeue no longer lists count as finished",
+                     error=(result.stderr or result.stdout).strip()[:300])
+            self.sacct_unavailable = True
+            return {}
+
+    def remove(self, grid_ids: Sequence[str]) -> defer.Deferred[None]:
+        ids = [str(i) for i in grid_ids]
+        if not ids:
+            return defer.succeed(None)
+        return checked(self.runner, ["scancel", *ids], self.timeout).addCallback(lambda _: None)
+
+
+def check_entry(source: str, name: str, entry: Mapping[str, Any]) -> None:
+    """Refuse, at start-up, an entry the Slurm plugin could not submit for."""
+    from gwms.config import ConfigError
+
+    if int(entry.get("nodes", 1) or 1) < 1:
+        raise ConfigError(f"{source}: [factory.entry.{name}] nodes must be at least 1")
+    for option in entry.get("slurm_options") or ():
+        if not str(option).startswith("-") or "\n" in str(option):
+            raise ConfigError(f"{source}: [factory.entry.{name}] slurm_options: {option!r} is not an sbatch option")
+
+
+def entries_of(config: Any, grid: str) -> dict[str, Mapping[str, Any]]:
+    """The factory's entries that use ``grid``."""
+    return {name: entry for name, entry in config.section("factory")["entry"].items() if entry["grid"] == grid}
 
 
 @implementer(IGridSubmitter)
@@ -170,18 +273,19 @@ class SlurmGridSubmitter:
     name = "slurm"
 
     def __init__(self, reactor: Any, work_dir: Path, startup_script: Path,
-                 runner: Runner | None = None, timeout: float = COMMAND_TIMEOUT) -> None:
+                 runner: Runner | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.reactor = reactor
         self.work_dir = Path(work_dir)
         self.startup_script = Path(startup_script)
-        self.runner: Runner = runner if runner is not None else default_runner(reactor)
-        self.timeout = timeout
-        self._glidein_of: dict[str, str] = {}  # grid id -> glidein id (this process's submissions)
+        self.batch = SlurmBatch(runner if runner is not None else reactor_runner(reactor), timeout)
+        self._glidein_of: dict[str, str] = {}  # job id -> glidein id (this process's submissions)
 
     @classmethod
     def from_config(cls, config: Any, reactor: Any, runner: Runner | None = None) -> "SlurmGridSubmitter":
         from gwms.glidein.files import startup_script
 
+        for name, entry in entries_of(config, cls.name).items():
+            check_entry(config.source, name, entry)
         return cls(reactor, config.section("factory")["work_dir"] / "slurm", startup_script(), runner)
 
     def _dir(self, entry: Mapping[str, Any]) -> Path:
@@ -195,41 +299,18 @@ class SlurmGridSubmitter:
         if "/" in glidein_id or glidein_id.startswith(".") or not glidein_id:
             raise ValueError(f"bad glidein id {glidein_id!r}")
 
-    def sbatch_argv(self, entry: Mapping[str, Any], glidein_id: str, script: Path) -> list[str]:
-        d = self._dir(entry)
-        minutes = max(1, int(float(entry.get("max_walltime", 86400.0)) // 60))
-        argv = ["sbatch", "--parsable", f"--job-name=gwms-{glidein_id}", f"--time={minutes}",
-                f"--output={d / (glidein_id + '.out')}", f"--error={d / (glidein_id + '.err')}"]
-        for key, option in (("contact", "--partition"), ("account", "--account"), ("qos", "--qos")):
-            value = entry.get(key)
-            if value:
-                argv.append(f"{option}={value}")
-        argv.append(str(script))
-        return argv
-
     def _prepare(self, entry: Mapping[str, Any], g: GlideinSubmission) -> Path:
-        """Stage the credential and write the batch script; returns the script's path."""
+        """Write the glidein's job script (mode 0600: it holds the credential); returns its path."""
         self._check_id(g.glidein_id)
         d = self._dir(entry)
-        d.mkdir(parents=True, exist_ok=True)
-        args = list(g.arguments)
-        if g.credential is not None:
-            staged = d / f"{g.glidein_id}.credential"
-            try:
-                staged.unlink()
-            except FileNotFoundError:
-                pass
-            fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                out.write(Path(g.credential).read_bytes())
-            args += ["-credential", str(staged)]
-        if "-python" not in args and entry.get("python"):
-            args += ["-python", str(entry["python"])]
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        credential = Path(g.credential).read_bytes() if g.credential is not None else None
+        text = self.batch.script(entry, g, self.startup_script.read_bytes(), credential, str(d))
         script = d / f"{g.glidein_id}.sh"
-        script.write_text(BATCH_SCRIPT.format(glidein_id=g.glidein_id,
-                                              startup=shlex.quote(str(self.startup_script)),
-                                              args=" ".join(shlex.quote(a) for a in args)))
-        os.chmod(script, 0o700)
+        script.unlink(missing_ok=True)
+        fd = os.open(script, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
         return script
 
     @defer.inlineCallbacks
@@ -241,17 +322,11 @@ class SlurmGridSubmitter:
             except (OSError, ValueError) as e:
                 log.warn("slurm glidein {id}: cannot prepare: {error}", id=g.glidein_id, error=str(e))
                 continue
-            argv = self.sbatch_argv(entry, g.glidein_id, script)
+            argv = self.batch.sbatch_argv(entry, g.glidein_id, str(script), str(self._dir(entry)))
             try:
-                out, err = yield _checked(self.runner, argv, self.timeout)
-            except SlurmCommandError as e:
+                job_id = yield self.batch.sbatch(argv)
+            except CommandError as e:
                 log.warn("slurm glidein {id}: sbatch failed: {error}", id=g.glidein_id, error=str(e))
-                self._cleanup(entry, g.glidein_id)
-                continue
-            job_id = parse_job_id(out)
-            if job_id is None:
-                log.warn("slurm glidein {id}: sbatch gave no job id: stdout {out!r}, stderr {err!r}",
-                         id=g.glidein_id, out=out[:500], err=err[:500])
                 self._cleanup(entry, g.glidein_id)
                 continue
             self._glidein_of[job_id] = g.glidein_id
@@ -263,23 +338,10 @@ class SlurmGridSubmitter:
         return submitted
 
     def query(self, entry: Mapping[str, Any], grid_ids: Sequence[str]) -> defer.Deferred[dict[str, GridStatus]]:
-        ids = [str(i) for i in grid_ids]
-        if not ids:
-            return defer.succeed({})
-        argv = ["squeue", "--noheader", "--format=%i|%T|%r", f"--jobs={','.join(ids)}"]
-
-        def parsed(result: tuple[str, str]) -> dict[str, GridStatus]:
-            statuses = parse_squeue(result[0])
-            wanted = set(ids)
-            return {k: v for k, v in statuses.items() if k in wanted}
-
-        return _checked(self.runner, argv, self.timeout).addCallback(parsed)
+        return self.batch.query(grid_ids)
 
     def remove(self, entry: Mapping[str, Any], grid_ids: Sequence[str]) -> defer.Deferred[None]:
-        ids = [str(i) for i in grid_ids]
-        if not ids:
-            return defer.succeed(None)
-        return _checked(self.runner, ["scancel", *ids], self.timeout).addCallback(lambda _: None)
+        return self.batch.remove(grid_ids)
 
     def forget(self, entry: Mapping[str, Any], grid_ids: Sequence[str]) -> defer.Deferred[None]:
         d = self._dir(entry)
@@ -304,11 +366,14 @@ class SlurmGridSubmitter:
 
     def _cleanup(self, entry: Mapping[str, Any], glidein_id: str) -> None:
         d = self._dir(entry)
-        for suffix in (".sh", ".credential", ".out", ".err", ".jobid"):
+        paths = [d / (glidein_id + suffix) for suffix in (".sh", ".out", ".err", ".jobid")]
+        paths += list(d.glob(f"{glidein_id}.node*.out")) + list(d.glob(f"{glidein_id}.node*.err"))
+        for path in paths:
             try:
-                (d / (glidein_id + suffix)).unlink()
+                path.unlink()
             except FileNotFoundError:
                 pass
             except OSError as e:
-                log.warn("slurm glidein {id}: cannot remove {suffix}: {error}", id=glidein_id,
-                         suffix=suffix, error=str(e))
+                log.warn("slurm glidein {id}: cannot remove {path}: {error}", id=glidein_id, path=str(path),
+                         error=str(e))
+
