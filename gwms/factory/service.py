@@ -186,6 +186,13 @@ class FactoryService(service.MultiService):
             self._loop.stop()
         if self.web_port is not None:
             yield self.web_port.stopListening()
+        for plugin in self.plugins.values():  # e.g. the ssh grid's connections
+            stop = getattr(plugin, "stop", None)
+            if stop is not None:
+                try:
+                    yield stop()
+                except Exception as e:
+                    log.warn("factory: stopping grid plugin {name}: {error}", name=plugin.name, error=str(e))
         self.collectors.close()
         self.records.close()
         self.auditor.close()

@@ -81,7 +81,7 @@ def parse_job_id(output: str) -> str | None:
     if len(lines) != 1:
         return None
     job_id = lines[0].split(";", 1)[0].strip()
-    return job_id if job_id.isdigit() else None
+    return job_id if job_id.isascii() and job_id.isdigit() else None
 
 
 def map_state(state: str, reason: str = "", exit_code: int | None = None) -> GridStatus | None:
@@ -125,7 +125,7 @@ def parse_squeue(output: str) -> dict[str, GridStatus]:
     for job_id, state, reason in _split(output, 3, "squeue"):
         status = map_state(state, reason)
         if status is None:
-            log.warn("squeue: unknown state {state!r} for job {job}, skipped", state=state, job=job_id)
+            log.warn("squeue: unknown state {state!r} for job {job}, skipped", state=state[:100], job=job_id[:100])
             continue
         out[job_id] = status
     return out
@@ -136,12 +136,13 @@ def parse_sacct(output: str) -> dict[str, GridStatus]:
     per job and per step ("123.batch", skipped); ExitCode is "code:signal"."""
     out: dict[str, GridStatus] = {}
     for job_id, state, exit_code in _split(output, 3, "sacct"):
-        if not job_id.isdigit():
+        if not (job_id.isascii() and job_id.isdigit()):
             continue  # a step, or an array/het job id gwms never submits
         code_text = exit_code.split(":", 1)[0]
-        status = map_state(state, "", int(code_text) if code_text.isdigit() else None)
+        # isascii: int() refuses some characters isdigit() accepts ("²").
+        status = map_state(state, "", int(code_text) if code_text.isascii() and code_text.isdigit() else None)
         if status is None:
-            log.warn("sacct: unknown state {state!r} for job {job}, skipped", state=state, job=job_id)
+            log.warn("sacct: unknown state {state!r} for job {job}, skipped", state=state[:100], job=job_id[:100])
             continue
         out[job_id] = status
     return out
@@ -193,9 +194,10 @@ class SlurmBatch:
                           node_output if nodes > 1 else None)
 
     @defer.inlineCallbacks
-    def sbatch(self, argv: Sequence[str]) -> Any:
-        """Run sbatch; fires with the job id, or fails with CommandError."""
-        result = yield checked(self.runner, argv, self.timeout)
+    def sbatch(self, argv: Sequence[str], stdin: bytes | None = None) -> Any:
+        """Run sbatch (``argv`` may stage its script from ``stdin`` first); fires with the job
+        id, or fails with CommandError."""
+        result = yield checked(self.runner, argv, self.timeout, stdin)
         job_id = parse_job_id(result.stdout)
         if job_id is None:
             raise CommandError(argv, result.exit_code, f"gave no job id: stdout {result.stdout[:300]!r}, "
@@ -256,7 +258,8 @@ def check_entry(source: str, name: str, entry: Mapping[str, Any]) -> None:
     """Refuse, at start-up, an entry the Slurm plugin could not submit for."""
     from gwms.config import ConfigError
 
-    if int(entry.get("nodes", 1) or 1) < 1:
+    nodes = entry.get("nodes")
+    if nodes is not None and int(nodes) < 1:  # not `or 1`: that would take 0 for 1
         raise ConfigError(f"{source}: [factory.entry.{name}] nodes must be at least 1")
     for option in entry.get("slurm_options") or ():
         if not str(option).startswith("-") or "\n" in str(option):

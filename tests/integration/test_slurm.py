@@ -1,0 +1,168 @@
+"""Glideins through a real Slurm: `twistd -n gwms-pool` whose factory entry has grid = "slurm",
+against a two-node cluster on this host (munged, slurmctld, two slurmd; see slurm_cluster.py).
+The frontend asks, the factory runs sbatch, the glideins run as Slurm jobs, join the pool and run
+the jobs; the factory follows them with squeue/sacct and removes them with scancel."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from gwms.testing.polling import wait_until
+
+from slurm_cluster import SlurmCluster
+from test_glideins import history, pool_config, start_pool
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    cluster = SlurmCluster()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def slurm_pool_config(workdir: Path, walltime: int, nodes: int = 1, max_glideins: int = 2) -> Path:
+    """gwms-pool's one-host configuration with one entry, "hpc", on the Slurm cluster."""
+    config = pool_config(workdir, entries=False)
+    text = config.read_text()
+    entry = f"""
+[factory.entry.hpc]
+grid = "slurm"
+partition = "debug"
+slurm_options = ["--cpus-per-task=1"]
+nodes = {nodes}
+worker_dir = "{workdir / 'worker'}"
+python = "{sys.executable}"
+attributes = {{ GLIDEIN_Site = "HPC", GLIDEIN_CPUS = 1, GLIDEIN_MaxMemMBs = 512 }}
+allowed_frontends = ["/O=gwms/OU=Hosts/CN=localhost"]
+max_idle = 2
+max_glideins = {max_glideins}
+max_walltime = {walltime}
+max_idle_time = 1200
+failure_backoff = 0
+
+"""
+    text = text.replace("[frontend]", entry + "[frontend]", 1)
+    config.write_text(text)
+    (workdir / "worker").mkdir()
+    return config
+
+
+def submit(gwms_cli, env: dict[str, str], jobdir: Path, n: int, command: str) -> int:
+    jobdir.mkdir(parents=True, exist_ok=True)
+    (jobdir / "job.sub").write_text(f"executable = /bin/sh\narguments = \"-c '{command}'\"\n"
+                                    "transfer_executable = false\noutput = out.$(Process)\n"
+                                    f"request_memory = 100\nrequest_disk = 1000\nqueue {n}\n")
+    result = gwms_cli("submit", str(jobdir / "job.sub"), env=env)
+    assert result.returncode == 0, result.stderr
+    return int(result.stdout.split()[-1].rstrip("."))
+
+
+def gwms_jobs(jobs: dict[str, tuple[str, str]], before: set[str] = frozenset()) -> dict[str, tuple[str, str]]:
+    """The glideins among Slurm's jobs (the cluster serves the whole module: those of earlier
+    tests, in ``before``, are left out)."""
+    return {i: v for i, v in jobs.items() if v[0].startswith("gwms-hpc-") and i not in before}
+
+
+@pytest.fixture
+def env_for(slurm):
+    def make(config: Path) -> dict[str, str]:
+        return {**slurm.env, "GWMS_CONFIG": str(config)}
+
+    return make
+
+
+def test_glideins_submitted_with_sbatch_run_jobs_and_end_before_the_slurm_time_limit(
+        slurm, tmp_path, start_daemon, gwms_cli, env_for, monkeypatch):
+    # A one-minute Slurm limit, much shorter than the glideins' idle time (1200 s): the glidein
+    # must still end by itself, before Slurm's TIMEOUT.
+    config = slurm_pool_config(tmp_path, walltime=60)
+    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
+    before = set(slurm.jobs())
+    pool = start_pool(start_daemon, config, tmp_path)
+    env = env_for(config)
+    cluster = submit(gwms_cli, env, tmp_path / "jobs", 3, "echo ran on $(hostname)")
+    done = wait_until(lambda: (h := history(gwms_cli, env, cluster)) and len(h) == 3 and h, 90,
+                      "the jobs to complete in Slurm glideins")
+    assert sorted((j["ProcId"], j["JobStatus"], j["ExitCode"]) for j in done) == [(i, 4, 0) for i in range(3)]
+    assert all(j["RemoteHost"].split("@")[1].startswith("hpc-") for j in done), done
+    glideins = gwms_jobs(slurm.jobs(), before)
+    assert glideins, "no glidein was a Slurm job"
+    # The factory asked for a one-minute limit and one CPU.
+    for job_id in glideins:
+        shown = slurm.command("scontrol", "show", "job", job_id).stdout
+        assert "TimeLimit=00:01:00" in shown and "NumCPUs=1" in shown, shown
+    # The glideins end at the limit minus their stop margin (45 s), cleanly: COMPLETED, not TIMEOUT.
+    finished = wait_until(lambda: (c := gwms_jobs(slurm.completed(), before)) and set(glideins) <= set(c) and c, 90,
+                          "the Slurm glideins to end")
+    assert {finished[i][1] for i in glideins} == {"COMPLETED"}, finished
+    # The factory saw them finish with exit code 0 and forgot their files; the worker area is clean.
+    wait_until(lambda: pool.log_text().count("finished (exit code 0) COMPLETED") >= len(glideins), 30,
+               "the factory to see the glideins finish")
+    assert list((tmp_path / "worker").iterdir()) == []
+    area = tmp_path / "run" / "factory" / "slurm" / "hpc"
+    wait_until(lambda: not list(area.glob("*.sh")), 30, "the factory to forget the glideins' files")
+    log = pool.log_text()
+    assert "TIMEOUT" not in log and "CANCELLED" not in log
+
+
+def test_a_glidein_cancelled_with_scancel_is_seen_by_the_factory_and_its_job_goes_back(
+        slurm, tmp_path, start_daemon, gwms_cli, env_for, monkeypatch):
+    config = slurm_pool_config(tmp_path, walltime=3600, max_glideins=1)
+    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
+    before = set(slurm.jobs())
+    pool = start_pool(start_daemon, config, tmp_path)
+    env = env_for(config)
+    cluster = submit(gwms_cli, env, tmp_path / "jobs", 1, "sleep 300")
+
+    def running_job() -> dict | None:
+        queue = json.loads(gwms_cli("q", "--json", env=env).stdout or "[]")
+        return next((j for j in queue if j["ClusterId"] == cluster and j["JobStatus"] == 2), None)
+
+    job = wait_until(running_job, 90, "the job to run in a Slurm glidein")
+    glidein_name = job["RemoteHost"].split("@")[1]
+    [job_id] = [i for i, (name, state) in gwms_jobs(slurm.jobs(), before).items() if state == "RUNNING"]
+    assert slurm.jobs()[job_id][0] == f"gwms-{glidein_name}"
+    assert slurm.command("scancel", job_id).returncode == 0
+    # The factory's next squeue says CANCELLED; the job is given back, not lost.
+    wait_until(lambda: f"glidein {glidein_name} at hpc finished" in pool.log_text(), 60,
+               "the factory to see the scancel")
+    line = next(line for line in pool.log_text().splitlines() if f"glidein {glidein_name} at hpc finished" in line)
+    assert "CANCELLED" in line
+    wait_until(lambda: any(j["ClusterId"] == cluster and j["JobStatus"] == 1
+                           for j in json.loads(gwms_cli("q", "--json", env=env).stdout or "[]"))
+               or running_job() and running_job()["RemoteHost"] != job["RemoteHost"], 60,
+               "the job to go back to the queue")
+    assert history(gwms_cli, env, cluster) == []
+
+
+def test_a_multi_node_slurm_job_starts_one_glidein_per_node(slurm, tmp_path, start_daemon, gwms_cli, env_for,
+                                                             monkeypatch):
+    config = slurm_pool_config(tmp_path, walltime=3600, nodes=2, max_glideins=1)
+    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
+    before = set(slurm.jobs())
+    start_pool(start_daemon, config, tmp_path)
+    env = env_for(config)
+    # Two jobs that overlap: each needs a slot of its own, one per node.
+    cluster = submit(gwms_cli, env, tmp_path / "jobs", 2, "sleep 4; echo $_CONDOR_SLOT")
+    done = wait_until(lambda: (h := history(gwms_cli, env, cluster)) and len(h) == 2 and h, 90,
+                      "the jobs to complete on the two nodes' glideins")
+    hosts = sorted(j["RemoteHost"].split("@")[1] for j in done)
+    [job_id] = gwms_jobs(slurm.jobs(), before)  # one Slurm job for both glideins
+    glidein = slurm.jobs()[job_id][0][len("gwms-"):]
+    assert hosts == [f"{glidein}-n0", f"{glidein}-n1"], hosts
+    shown = slurm.command("scontrol", "show", "job", job_id).stdout
+    assert "NumNodes=2" in shown and "NodeList=n[1-2]" in shown, shown
+    area = tmp_path / "run" / "factory" / "slurm" / "hpc"
+    outputs = sorted(p.name for p in area.glob(f"{glidein}.node*.out"))
+    assert outputs == [f"{glidein}.node0.out", f"{glidein}.node1.out"]
+    assert all(f"glidein {glidein}-n{n} " in (area / f"{glidein}.node{n}.out").read_text() for n in (0, 1))
+    assert os.environ.get("SLURM_CONF") == str(slurm.conf)
