@@ -78,7 +78,13 @@ class _Collect(protocol.ProcessProtocol):
         try:
             self.transport.signalProcess(signal)  # type: ignore[union-attr]
         except error.ProcessExitedAlready:
-            pass
+            # It is gone, but what it left behind (sh -c 'sleep 30' leaves the sleep) holds
+            # its output open: processEnded would wait for that. Stop reading.
+            self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def processExited(self, reason: Any) -> None:
+        if self.failure is not None:  # we killed it: do not wait for its leftovers' output either
+            self.transport.loseConnection()  # type: ignore[union-attr]
 
     def processEnded(self, reason: Any) -> None:
         stdout = b"".join(self.out).decode(errors="replace")
@@ -113,13 +119,14 @@ def run_command(reactor: Any, argv: Sequence[str], timeout: float = DEFAULT_TIME
         if proto.failure is None:
             proto.failure = f"no answer in {timeout:g}s: killed"
         proto.kill("TERM")
-        reactor.callLater(KILL_GRACE, proto.kill, "KILL")
+        timers.append(reactor.callLater(KILL_GRACE, proto.kill, "KILL"))
 
-    timer = reactor.callLater(timeout, too_slow)
+    timers = [reactor.callLater(timeout, too_slow)]
 
     def stop_timer(result: Any) -> Any:
-        if timer.active():
-            timer.cancel()
+        for timer in timers:
+            if timer.active():
+                timer.cancel()
         return result
 
     return done.addBoth(stop_timer)

@@ -27,6 +27,7 @@ import hashlib
 import os
 import re
 import shlex
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -151,7 +152,11 @@ class SSHRemote:
         return [*self.base_argv(), "-o", "ControlMaster=no", self.destination, "--", shlex.join(argv)]
 
     def master_argv(self) -> list[str]:
-        return [*self.base_argv(), "-M", "-N", "-o", "ControlPersist=no", self.destination]
+        # In a session of its own: a TERM to the factory's process group (Ctrl-C, a service
+        # manager) must not cut the connection the factory still needs to remove its glideins.
+        setsid = shutil.which("setsid")
+        return [*([setsid] if setsid else []), *self.base_argv(), "-M", "-N", "-o", "ControlPersist=no",
+                self.destination]
 
     def master_running(self) -> bool:
         return self._master is not None and self._master[1].running
@@ -229,8 +234,9 @@ class SSHRemote:
 
 def _control_dir(wanted: Path | None) -> Path:
     """A private directory for control sockets, short enough for a UNIX socket path (108
-    bytes): the factory's own when it fits, else one under /tmp."""
-    if wanted is not None and len(str(wanted)) < 80:
+    bytes, of which ssh takes 34 for the name and a temporary suffix): the factory's own when it
+    fits, else one under /tmp."""
+    if wanted is not None and len(str(Path(wanted).absolute())) <= 64:
         wanted.mkdir(mode=0o700, parents=True, exist_ok=True)
         return wanted
     return Path(tempfile.mkdtemp(prefix="gwms-ssh-"))

@@ -139,3 +139,42 @@ def shared():
     base.chmod(0o755)
     yield base
     shutil.rmtree(base, ignore_errors=True)
+
+
+# -- real site programs (installed by the test setup when missing) ------------------------------
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A two-node Slurm cluster on this host (slurm_cluster.py), for the whole session."""
+    from slurm_cluster import SlurmCluster
+
+    cluster = SlurmCluster()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def ssh_server(slurm):
+    """An sshd on 127.0.0.1 for an unprivileged account whose sessions reach the Slurm cluster."""
+    from ssh_server import SSHServer
+
+    server = SSHServer({"SLURM_CONF": str(slurm.conf)})
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def node_python(ssh_server):
+    """A Python with gwms that the ssh account can run (ssh_server.python_for_other_users)."""
+    import shutil
+
+    from ssh_server import python_for_other_users
+
+    python = python_for_other_users()
+    yield python
+    shutil.rmtree(python.parents[2], ignore_errors=True)

@@ -238,6 +238,63 @@ def test_unknown_or_missing_options_print_usage_and_exit_2(tmp_path: Path, crede
     assert glide_dirs(tmp_path) == []
 
 
+@pytest.mark.parametrize("extra,message", [
+    (["-batch_time_limit", "10"], "-batch_time_limit 10 leaves no time to run (15 s are kept to stop)"),
+    (["-batch_time_limit", "15"], "-batch_time_limit 15 leaves no time to run (15 s are kept to stop)"),
+    (["-batch_time_limit", "1h"], "-batch_time_limit must be a positive whole number of seconds, got '1h'"),
+    (["-batch_time_limit", "0"], "-batch_time_limit must be a positive whole number of seconds, got '0'"),
+    (["-batch_time_limit", "-60"], "-batch_time_limit must be a positive whole number of seconds, got '-60'"),
+    (["-batch_time_limit", "0600"], "-batch_time_limit must be a positive whole number of seconds, got '0600'"),
+    (["-http_proxy", "https://squid.example:3128"],
+     "-http_proxy must be an http:// URL, got 'https://squid.example:3128'"),
+    (["-http_proxy", "squid.example:3128"], "-http_proxy must be an http:// URL, got 'squid.example:3128'"),
+    (["-http_proxy", "http://"], "-http_proxy must be an http:// URL, got 'http://'"),
+    (["-http_proxy", "-K/etc/passwd"], "-http_proxy must be an http:// URL, got '-K/etc/passwd'"),
+])
+def test_batch_time_limit_and_http_proxy_are_checked(tmp_path: Path, credential: Path, extra: list[str],
+                                                     message: str) -> None:
+    done = run_glidein([*glidein_args("http://127.0.0.1:9", "0" * 64, credential), *extra], tmp_path)
+    assert (done.returncode, done.stderr.splitlines()[0]) == (2, f"gwms glidein: {message}"), extra
+    assert "usage: glidein_startup.sh" in done.stderr
+    assert glide_dirs(tmp_path) == []
+
+
+# The glidein's times as glidein_config has them, reported by a validation script that then
+# stops the glidein.
+REPORT_TIMES = b"""printf 'GLIDEIN_Lifetime=%s GLIDEIN_Retire=%s\\n' "$(sed -n 's/^GLIDEIN_Lifetime=//p' "$1")" \\
+    "$(sed -n 's/^GLIDEIN_Retire=//p' "$1")" >&2
+exit 1
+"""
+
+
+@pytest.mark.parametrize("lifetime,retire,limit,expected", [
+    ("3600", None, "100", (85, 77)),  # 100 s less 15 to stop (a tenth, at least 15)
+    ("3600", None, "7200", (3600, 3240)),  # a limit beyond the lifetime changes nothing
+    ("3600", None, "2000", (1800, 1620)),  # a tenth kept to stop
+    ("3600", None, "3600", (3300, 2970)),  # at most 5 minutes kept to stop
+    ("86400", None, "36000", (35700, 32130)),
+    ("3600", "3000", "1000", (900, 810)),  # a retire time past the new lifetime is recomputed
+    ("3600", "500", "1000", (900, 500)),  # one within it stays
+    ("3600", None, "16", (1, 1)),
+])
+def test_batch_time_limit_ends_the_glidein_before_the_batch_system_would(web: WebServer, credential: Path,
+                                                                         tmp_path: Path, lifetime: str,
+                                                                         retire: str | None, limit: str,
+                                                                         expected: tuple[int, int]) -> None:
+    descript = publish(web.store, [("validate", "times.sh", REPORT_TIMES)])
+    args = glidein_args(web.url, descript, credential, batch_time_limit=limit)
+    args[args.index("-lifetime") + 1] = lifetime
+    if retire is not None:
+        args += ["-retire", retire]
+
+    done = run_glidein(args, tmp_path)
+
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.endswith("gwms glidein: validation times.sh failed: "
+                                f"GLIDEIN_Lifetime={expected[0]} GLIDEIN_Retire={expected[1]}\n"), done.stderr
+    assert glide_dirs(tmp_path) == []
+
+
 # ------------------------------------------------------------------------------------------
 # (i) tampering
 
@@ -356,6 +413,30 @@ def test_every_fetcher_honours_http_proxy_and_checks_sha1_and_sha256(web: WebSer
     stop_digest = stop_line.split()[0].removeprefix("sha256:")
     assert proxy.requests == [f"{FACTORY_URL}/descriptions/{descript}", f"{FACTORY_URL}/files/{sha1}/data.txt",
                               f"{FACTORY_URL}/files/{stop_digest}/stop.sh"]
+    assert glide_dirs(workdir) == []
+
+
+@pytest.mark.parametrize("fetcher", ["python", "curl", "wget"])
+def test_the_http_proxy_option_wins_over_the_nodes_proxy_settings(web: WebServer, credential: Path, tmp_path: Path,
+                                                                   proxy: Proxy, fetcher: str) -> None:
+    # The node's own settings would send the glidein to a dead proxy, or bypass every proxy:
+    # with -http_proxy, the fetches (and what the glidein runs) go through the entry's.
+    report = b'echo "http_proxy=$http_proxy no_proxy=${no_proxy-unset} NO_PROXY=${NO_PROXY-unset}" >&2\nexit 1\n'
+    descript = publish(web.store, [("validate", "report.sh", report)])
+    digest = hashlib.sha256(report).hexdigest()
+    tools = BASIC_TOOLS + ([] if fetcher == "python" else [fetcher])
+    env = clean_env(PATH=str(tool_dir(tmp_path, tools)), http_proxy="http://127.0.0.1:9", no_proxy="*",
+                    NO_PROXY="*")
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+
+    done = run_glidein(glidein_args(FACTORY_URL, descript, credential, http_proxy=proxy.url), workdir, env)
+
+    assert done.returncode == 1, done.stderr
+    assert f"(with {fetcher})" in done.stdout
+    assert done.stderr.endswith(f"gwms glidein: validation report.sh failed: http_proxy={proxy.url} no_proxy= "
+                                "NO_PROXY=\n"), done.stderr
+    assert proxy.requests == [f"{FACTORY_URL}/descriptions/{descript}", f"{FACTORY_URL}/files/{digest}/report.sh"]
     assert glide_dirs(workdir) == []
 
 

@@ -14,19 +14,9 @@ import pytest
 
 from gwms.testing.polling import wait_until
 
-from slurm_cluster import SlurmCluster
 from test_glideins import history, pool_config, start_pool
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def slurm():
-    cluster = SlurmCluster()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def slurm_pool_config(workdir: Path, walltime: int, nodes: int = 1, max_glideins: int = 2) -> Path:
@@ -67,7 +57,7 @@ def submit(gwms_cli, env: dict[str, str], jobdir: Path, n: int, command: str) ->
 
 
 def gwms_jobs(jobs: dict[str, tuple[str, str]], before: set[str] = frozenset()) -> dict[str, tuple[str, str]]:
-    """The glideins among Slurm's jobs (the cluster serves the whole module: those of earlier
+    """The glideins among Slurm's jobs (the cluster serves the whole session: those of earlier
     tests, in ``before``, are left out)."""
     return {i: v for i, v in jobs.items() if v[0].startswith("gwms-hpc-") and i not in before}
 
