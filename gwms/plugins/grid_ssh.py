@@ -47,7 +47,7 @@ from gwms.plugins.grid_slurm import SlurmBatch, check_entry, entries_of
 log = Logger()
 
 CONTACT = re.compile(r"^(?P<user>[A-Za-z0-9._][A-Za-z0-9._-]*)@(?P<host>[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])"
-                     r"(?::(?P<port>[0-9]{1,5}))?$")
+                     r"(?::(?P<port>[0-9]{1,5}))?\Z")
 REMOTE_BATCHES = ("fork", "slurm")
 MASTER_START_TIMEOUT = 30.0
 
@@ -130,8 +130,10 @@ class SSHRemote:
         self.options = list(options)
         self.local: Runner = runner if runner is not None else reactor_runner(reactor)
         self.ssh = ssh
+        # Keyed like SSHGridSubmitter.remotes: two remotes sharing a socket would unlink each
+        # other's when their masters (re)start.
         self.control_path = str(_control_dir(control_dir) / hashlib.sha256(
-            f"{self.destination}:{self.port}:{key}".encode()).hexdigest()[:16])
+            repr((contact, str(key), str(known_hosts), tuple(self.options))).encode()).hexdigest()[:16])
         self._master: Any = None  # (process transport, _MasterProtocol)
         self._lock = defer.DeferredLock()
         self.home: str | None = None
@@ -167,8 +169,14 @@ class SSHRemote:
 
     @defer.inlineCallbacks
     def _ensure_master(self) -> Any:
-        if self.master_running():
-            return
+        if not self.master_running():
+            yield self._start_master()
+        if self.home is None:  # also after a `pwd` that failed while the master lived on
+            result = yield checked(self.local, self.command_argv(["pwd"]), DEFAULT_TIMEOUT)
+            self.home = result.stdout.strip()
+
+    @defer.inlineCallbacks
+    def _start_master(self) -> Any:
         try:
             os.unlink(self.control_path)  # a dead master's socket
         except FileNotFoundError:
@@ -195,9 +203,6 @@ class SSHRemote:
             yield task.deferLater(self.reactor, 0.05, lambda: None)
         log.info("ssh: connected to {contact} (control master pid {pid})", contact=self.contact,
                  pid=getattr(transport, "pid", None))
-        if self.home is None:
-            result = yield checked(self.local, self.command_argv(["pwd"]), DEFAULT_TIMEOUT)
-            self.home = result.stdout.strip()
 
     @defer.inlineCallbacks
     def run(self, argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT, stdin: bytes | None = None) -> Any:
@@ -252,7 +257,7 @@ def parse_fork_status(output: str) -> dict[str, GridStatus]:
             continue
         glidein_id, state, code = parts
         if state == "finished":
-            out[glidein_id] = GridStatus(FINISHED, int(code) if code.isdigit() else None, "exited")
+            out[glidein_id] = GridStatus(FINISHED, int(code) if code.isascii() and code.isdigit() else None, "exited")
         elif state == "lost":
             out[glidein_id] = GridStatus(FINISHED, None, "the glidein's wrapper ended without an exit code")
         elif state == "running":
@@ -402,7 +407,7 @@ class SSHGridSubmitter:
             return None
         remote, area = yield self._area(entry)
         if entry.get("remote_batch", "fork") == "fork":
-            paths = [f"{area}/{i}" for i in ids if "/" not in i and not i.startswith(".")]
+            paths = [f"{area}/{i}" for i in ids if i and "/" not in i and not i.startswith(".")]
         else:
             paths = []
             for grid_id in ids:

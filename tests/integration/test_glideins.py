@@ -34,12 +34,15 @@ queue {n}
 """
 
 
-def pool_config(workdir: Path, idle: float = 8, backoff: float = 0, entries: bool = True) -> Path:
+def pool_config(workdir: Path, idle: float = 8, backoff: float = 0, entries: bool = True, entry: str = "") -> Path:
+    """gwms-pool's one-host configuration: the two local entries unless not ``entries``, and
+    ``entry`` (TOML of more entries)."""
     text = ONEHOST.format(port=0, idle=idle)
     text = text.replace('address_file = "run/collector.address"', 'address_file = "pool.address"')
     text = text.replace("failure_backoff = 5", f"failure_backoff = {backoff}")
     if not entries:
         text = text[:text.index("[factory.entry.siteA]")] + text[text.index("[frontend]"):]
+    text = text.replace("[frontend]", entry + "\n[frontend]", 1)
     (workdir / "run").mkdir(parents=True, exist_ok=True)
     config = workdir / "onehost.toml"
     config.write_text(text)

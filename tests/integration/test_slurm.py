@@ -21,9 +21,7 @@ pytestmark = pytest.mark.integration
 
 def slurm_pool_config(workdir: Path, walltime: int, nodes: int = 1, max_glideins: int = 2) -> Path:
     """gwms-pool's one-host configuration with one entry, "hpc", on the Slurm cluster."""
-    config = pool_config(workdir, entries=False)
-    text = config.read_text()
-    entry = f"""
+    config = pool_config(workdir, entries=False, entry=f"""
 [factory.entry.hpc]
 grid = "slurm"
 partition = "debug"
@@ -39,9 +37,7 @@ max_walltime = {walltime}
 max_idle_time = 1200
 failure_backoff = 0
 
-"""
-    text = text.replace("[frontend]", entry + "[frontend]", 1)
-    config.write_text(text)
+""")
     (workdir / "worker").mkdir()
     return config
 

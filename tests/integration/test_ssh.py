@@ -19,9 +19,7 @@ pytestmark = pytest.mark.integration
 
 
 def ssh_pool_config(workdir: Path, server, python: Path, remote_batch: str, idle: int = 8) -> Path:
-    config = pool_config(workdir, entries=False)
-    text = config.read_text()
-    entry = f"""
+    config = pool_config(workdir, entries=False, entry=f"""
 [factory.entry.remote]
 grid = "ssh"
 contact = "{server.contact}"
@@ -38,9 +36,7 @@ max_glideins = 2
 max_walltime = 3600
 max_idle_time = {idle}
 failure_backoff = 0
-
-"""
-    config.write_text(text.replace("[frontend]", entry + "[frontend]", 1))
+""")
     return config
 
 
