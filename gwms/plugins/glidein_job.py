@@ -33,9 +33,14 @@ cat > "$base/glidein_startup.sh" <<'GWMS_STARTUP_{tag}'
 {startup}GWMS_STARTUP_{tag}
 {credential}sh "$base/glidein_startup.sh" {arguments} {name_option}-workdir "$base" </dev/null &
 child=$!
+# A trapped signal interrupts wait (status 128+n) though the child lives on: wait again. If
+# the shell reaped the child meanwhile, one more wait still gives its real status.
 while :; do
     wait "$child"; rc=$?
-    kill -0 "$child" 2>/dev/null || break
+    if kill -0 "$child" 2>/dev/null; then continue; fi
+    wait "$child" 2>/dev/null; again=$?
+    [ "$again" -eq 127 ] || rc=$again
+    break
 done
 exit "$rc"
 """
@@ -45,13 +50,34 @@ _CREDENTIAL = """cat > "$base/credential" <<'GWMS_CREDENTIAL_{tag}'
 """
 
 # Multi-node: on the first node, copy this script to every node and start one copy per node.
+# A TERM for the job (the factory's gentle removal signals the batch shell alone) must reach
+# each node's glidein and nothing else: srun itself would abort the step (SIGKILL) and a
+# signal to the step reaches the users' jobs too. So each copy writes its pid to a file on its
+# node, and the batch shell runs a second, overlapping step that TERMs exactly those pids.
 _FAN_OUT = r"""
-if [ "${{1:-}}" != --node ]; then
-    copy={parent}/gwms_glidein_job_${{SLURM_JOB_ID:?not in a Slurm job}}.sh
-    sbcast --force "$0" "$copy" || {{ printf 'gwms glidein job: sbcast to %s failed\n' "$copy" >&2; exit 1; }}
-    exec srun --nodes={nodes} --ntasks-per-node=1 --kill-on-bad-exit=0 --output={output} --error={error} \
-        sh "$copy" --node
-fi
+# (per node name too: test clusters run several nodes on one host)
+pid_file={parent}/gwms_glidein_job_${{SLURM_JOB_ID:?not in a Slurm job}}_${{SLURMD_NODENAME:-node}}.pid
+copy={parent}/gwms_glidein_job_$SLURM_JOB_ID.sh
+case ${{1:-}} in
+    --stop) kill -TERM "$(cat "$pid_file")" 2>/dev/null; exit 0 ;;
+    --node) ;;
+    *)
+        sbcast --force "$0" "$copy" || {{ printf 'gwms glidein job: sbcast to %s failed\n' "$copy" >&2; exit 1; }}
+        srun --nodes={nodes} --ntasks-per-node=1 --kill-on-bad-exit=0 --output={output} --error={error} \
+            sh "$copy" --node &
+        step=$!
+        trap 'srun --overlap --nodes={nodes} --ntasks-per-node=1 --output=/dev/null --error=/dev/null \
+                  sh "$copy" --stop' TERM INT
+        while :; do
+            wait "$step"; rc=$?
+            if kill -0 "$step" 2>/dev/null; then continue; fi
+            wait "$step" 2>/dev/null; again=$?
+            [ "$again" -eq 127 ] || rc=$again
+            break
+        done
+        exit "$rc" ;;
+esac
+echo "$$" > "$pid_file"
 """
 
 
@@ -89,7 +115,7 @@ def job_script(glidein_id: str, startup: bytes, arguments: Sequence[str], creden
                                      error=shlex.quote(node_output[1])))
     parts.append(_BODY.format(
         parent=parent, tag=tag, startup=_text(startup, "glidein start-up script"),
-        remove_self=' "$0"' if nodes > 1 else "",
+        remove_self=' "$0" "$pid_file"' if nodes > 1 else "",
         credential=_CREDENTIAL.format(tag=tag, text=_text(credential, "credential")) if credential is not None else "",
         arguments=quoted,
         name_option=f'-name {shlex.quote(glidein_id)}-n"$SLURM_NODEID" ' if nodes > 1 else ""))

@@ -41,9 +41,14 @@ sh "$@" > "$dir/stdout" 2> "$dir/stderr" < /dev/null &
 child=$!
 trap 'kill -TERM "$child" 2>/dev/null' TERM INT
 echo "$$" > "$dir/pid.tmp" && mv "$dir/pid.tmp" "$dir/pid"
+# A trapped signal interrupts wait (status 128+n) though the child lives on: wait again. If
+# the shell reaped the child meanwhile, one more wait still gives its real status.
 while :; do
     wait "$child"; rc=$?
-    kill -0 "$child" 2>/dev/null || break
+    if kill -0 "$child" 2>/dev/null; then continue; fi
+    wait "$child" 2>/dev/null; again=$?
+    [ "$again" -eq 127 ] || rc=$again
+    break
 done
 echo "$rc" > "$dir/exit_code.tmp" && mv "$dir/exit_code.tmp" "$dir/exit_code"
 '''

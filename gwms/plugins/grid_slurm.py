@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -35,6 +36,7 @@ from gwms.factory.grid import FINISHED, HELD, QUEUED, RUNNING, GlideinSubmission
 from gwms.interfaces import IGridSubmitter
 from gwms.plugins.commands import DEFAULT_TIMEOUT, CommandError, Runner, checked, reactor_runner
 from gwms.plugins.glidein_job import job_script
+from gwms.plugins.grid_local import REMOVE_GRACE
 
 log = Logger()
 
@@ -71,6 +73,8 @@ HELD_REASONS = ("JobHeldUser", "JobHeldAdmin", "held")
 
 # What squeue says when none of the ids it was asked about is still known.
 UNKNOWN_JOBS = "Invalid job id specified"
+# What scancel says of a job already gone or not in the state it was asked to act on.
+SCANCEL_BENIGN = ("Invalid job id specified", "already completing or completed", "Job/step already completing")
 # What sacct says on a cluster without slurmdbd; `sacct -c` then reads the job completion log.
 NO_ACCOUNTING = "accounting storage is disabled"
 
@@ -161,9 +165,11 @@ def glidein_arguments(entry: Mapping[str, Any], g: GlideinSubmission) -> list[st
 class SlurmBatch:
     """sbatch, squeue, sacct and scancel through ``runner`` (local, or over SSH)."""
 
-    def __init__(self, runner: Runner, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, runner: Runner, timeout: float = DEFAULT_TIMEOUT, clock: Any = None) -> None:
         self.runner = runner
         self.timeout = timeout
+        self.clock = clock
+        self.removing: dict[str, float] = {}  # job id -> when it was asked to stop
         self.sacct_completion_log = False  # no slurmdbd: sacct -c reads the job completion log
         self.sacct_unavailable = False
 
@@ -225,6 +231,11 @@ class SlurmBatch:
         if missing:
             finished = yield self._sacct(missing)
             statuses.update({k: v for k, v in finished.items() if k in wanted and v.state == FINISHED})
+        if self.removing:
+            try:
+                yield self._escalate(statuses)
+            except CommandError as e:
+                log.warn("slurm: {error}", error=str(e))
         return statuses
 
     @defer.inlineCallbacks
@@ -247,11 +258,48 @@ class SlurmBatch:
             self.sacct_unavailable = True
             return {}
 
-    def remove(self, grid_ids: Sequence[str]) -> defer.Deferred[None]:
+    @defer.inlineCallbacks
+    def remove(self, grid_ids: Sequence[str]) -> Any:
+        """Remove glideins the way a startd wants: a running one gets TERM in its batch shell
+        alone (the job script hands it to the glidein, whose startd gives its jobs back to their
+        schedds and exits), not Slurm's TERM to every process, which would kill the users' jobs
+        under it; a pending one is cancelled. One that still runs REMOVE_GRACE later is
+        cancelled outright (by :meth:`query`)."""
         ids = [str(i) for i in grid_ids]
         if not ids:
-            return defer.succeed(None)
-        return checked(self.runner, ["scancel", *ids], self.timeout).addCallback(lambda _: None)
+            return None
+        yield self._scancel(["scancel", "--batch", "--signal=TERM", "--state=RUNNING", *ids])
+        yield self._scancel(["scancel", "--state=PENDING", *ids])
+        now = self._now()
+        for i in ids:
+            self.removing.setdefault(i, now)
+        return None
+
+    def _now(self) -> float:
+        return self.clock.seconds() if self.clock is not None else time.monotonic()
+
+    @defer.inlineCallbacks
+    def _scancel(self, argv: Sequence[str]) -> Any:
+        """Run scancel; a job that is already gone, or not in the state asked for, is no error."""
+        result = yield defer.maybeDeferred(self.runner, list(argv), self.timeout, None)
+        if result.exit_code == 0:
+            return None
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        if lines and all(any(benign in line for benign in SCANCEL_BENIGN) for line in lines):
+            return None
+        raise CommandError(argv, result.exit_code, result.stderr or result.stdout)
+
+    @defer.inlineCallbacks
+    def _escalate(self, statuses: Mapping[str, GridStatus]) -> Any:
+        """Cancel outright the glideins asked to stop more than REMOVE_GRACE ago that still run."""
+        now = self._now()
+        for i in [i for i in self.removing if i not in statuses or statuses[i].state == FINISHED]:
+            del self.removing[i]
+        late = sorted(i for i, asked in self.removing.items() if now - asked > REMOVE_GRACE)
+        if late:
+            log.warn("slurm: {n} glideins still run {grace:g}s after they were asked to stop: scancel",
+                     n=len(late), grace=REMOVE_GRACE)
+            yield self._scancel(["scancel", *late])
 
 
 def check_entry(source: str, name: str, entry: Mapping[str, Any]) -> None:
@@ -280,7 +328,7 @@ class SlurmGridSubmitter:
         self.reactor = reactor
         self.work_dir = Path(work_dir)
         self.startup_script = Path(startup_script)
-        self.batch = SlurmBatch(runner if runner is not None else reactor_runner(reactor), timeout)
+        self.batch = SlurmBatch(runner if runner is not None else reactor_runner(reactor), timeout, reactor)
         self._glidein_of: dict[str, str] = {}  # job id -> glidein id (this process's submissions)
 
     @classmethod

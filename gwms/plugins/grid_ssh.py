@@ -319,7 +319,7 @@ class SSHGridSubmitter:
 
     def _batch(self, remote: SSHRemote) -> SlurmBatch:
         if id(remote) not in self._batches:
-            self._batches[id(remote)] = SlurmBatch(remote.run, self.timeout)
+            self._batches[id(remote)] = SlurmBatch(remote.run, self.timeout, self.reactor)
         return self._batches[id(remote)]
 
     @defer.inlineCallbacks

@@ -182,10 +182,15 @@ def test_a_multi_node_script_copies_itself_and_starts_one_glidein_per_node():
     text = job_script("g1", FAKE_STARTUP, ["-name", "g1"], CREDENTIAL, nodes=3,
                       node_output=("/f/out dir/g1.node%n.out", "/f/out dir/g1.node%n.err"))
     assert 'sbcast --force "$0" "$copy"' in text
-    assert ("exec srun --nodes=3 --ntasks-per-node=1 --kill-on-bad-exit=0 "
+    assert ("srun --nodes=3 --ntasks-per-node=1 --kill-on-bad-exit=0 "
             "--output='/f/out dir/g1.node%n.out' --error='/f/out dir/g1.node%n.err'") in text
     assert '-name g1-n"$SLURM_NODEID" -workdir "$base"' in text
-    assert 'rm -rf "$base" "$0"' in text  # each node's copy removes itself
+    assert 'rm -rf "$base" "$0" "$pid_file"' in text  # each node's copy removes itself and its pid file
+    # A TERM to the batch shell reaches each node's glidein through an overlapping step that
+    # signals the pid each copy recorded, not through srun (which would abort the step).
+    assert 'echo "$$" > "$pid_file"' in text
+    assert ("trap 'srun --overlap --nodes=3 --ntasks-per-node=1 --output=/dev/null --error=/dev/null") in text
+    assert '--stop) kill -TERM "$(cat "$pid_file")"' in text
 
 
 FAKE_SBCAST = """#!/bin/sh

@@ -154,7 +154,7 @@ def test_sbatch_command_line_of_a_multi_node_entry(setup):
         "sbatch", "--parsable", "--job-name=gwms-g1", "--time=120", f"--output={d}/g1.out", f"--error={d}/g1.err",
         "--nodes=3", "--partition=wide", f"{d}/g1.sh"]]
     script = (d / "g1.sh").read_text()
-    assert "exec srun --nodes=3 --ntasks-per-node=1" in script
+    assert "srun --nodes=3 --ntasks-per-node=1" in script
     assert f"--output={d}/g1.node%n.out --error={d}/g1.node%n.err" in script
     assert '-name g1-n"$SLURM_NODEID"' in script
 
@@ -463,17 +463,57 @@ def test_commands_get_the_plugins_timeout():
     batch = SlurmBatch(runner, timeout=12.5)
     result_of(batch.query(["1"]))
     result_of(batch.remove(["1"]))
-    assert runner.timeouts == [12.5, 12.5]
+    assert runner.timeouts == [12.5, 12.5, 12.5]
 
 
 # ------------------------------------------------------------------------------------------
 # remove and forget
 
 
-def test_remove_one_scancel(setup):
-    sub, runner = setup(ok())
+def test_remove_signals_running_glideins_batch_shell_and_cancels_pending_ones(setup):
+    sub, runner = setup(ok(), ok())
     assert result_of(sub.remove(ENTRY, ["1", "2", "3"])) is None
-    assert runner.calls == [["scancel", "1", "2", "3"]]
+    # TERM to the batch shell alone: the glidein's startd gives its jobs back before it exits;
+    # Slurm's own cancel would TERM the users' jobs too.
+    assert runner.calls == [["scancel", "--batch", "--signal=TERM", "--state=RUNNING", "1", "2", "3"],
+                            ["scancel", "--state=PENDING", "1", "2", "3"]]
+
+
+@pytest.mark.parametrize("stderr", [
+    "scancel: error: Kill job error on job id 1: Invalid job id specified\n",
+    "scancel: error: Kill job error on job id 1: Job/step already completing or completed\n",
+    "scancel: error: Kill job error on job id 1: Invalid job id specified\n"
+    "scancel: error: Kill job error on job id 2: Invalid job id specified\n",
+])
+def test_remove_of_jobs_already_gone_or_in_another_state_is_no_error(setup, stderr):
+    sub, runner = setup(failed(stderr), failed(stderr))
+    assert result_of(sub.remove(ENTRY, ["1", "2"])) is None
+    assert len(runner.calls) == 2
+
+
+def test_a_glidein_still_running_after_the_grace_is_cancelled_outright():
+    from twisted.internet.task import Clock
+
+    from gwms.plugins.grid_local import REMOVE_GRACE
+
+    clock = Clock()
+    runner = FakeRunner()
+    batch = SlurmBatch(runner, clock=clock)
+    result_of(batch.remove(["7", "8"]))
+    runner.calls.clear()
+    runner.answers = [ok("7|RUNNING|None\n8|RUNNING|None\n")]
+    result_of(batch.query(["7", "8"]))
+    assert runner.calls == [[*SQUEUE, "--jobs=7,8"]]  # within the grace: nothing more
+    clock.advance(REMOVE_GRACE + 1)
+    runner.calls.clear()
+    runner.answers = [ok("7|RUNNING|None\n8|COMPLETED|None\n")]
+    result_of(batch.query(["7", "8"]))
+    assert runner.calls == [[*SQUEUE, "--jobs=7,8"], ["scancel", "7"]]
+    assert batch.removing == {"7": 0.0}
+    runner.calls.clear()
+    runner.answers = [ok("7|CANCELLED|None\n")]
+    result_of(batch.query(["7"]))
+    assert runner.calls == [[*SQUEUE, "--jobs=7"]] and batch.removing == {}
 
 
 def test_remove_nothing_runs_nothing(setup):
@@ -484,7 +524,7 @@ def test_remove_nothing_runs_nothing(setup):
 
 def test_remove_failure_carries_stderr(setup):
     sub, _ = setup(failed("scancel: error: Kill job error on job id 1: Access/permission denied\n"))
-    with pytest.raises(CommandError, match="scancel exited 1: scancel: error: Kill job error on job id 1"):
+    with pytest.raises(CommandError, match="scancel exited 1: scancel: error: Kill job error on job id 1: Access"):
         result_of(sub.remove(ENTRY, ["1"]))
 
 

@@ -789,7 +789,8 @@ def test_one_slurm_batch_per_remote_keeps_what_it_learnt(setup):
 def test_slurm_remove_cancels_the_jobs(setup):
     sub, fake = setup()
     assert result_of(sub.remove(SLURM, ["4242:g1", "4243:g2"])) is None
-    assert fake.commands == [(["scancel", "4242", "4243"], 20.0, None)]
+    assert fake.commands == [(["scancel", "--batch", "--signal=TERM", "--state=RUNNING", "4242", "4243"], 20.0, None),
+                             (["scancel", "--state=PENDING", "4242", "4243"], 20.0, None)]
 
 
 def test_slurm_forget_removes_the_glideins_files(setup):
