@@ -248,12 +248,15 @@ say "glidein $name of entry $entry (factory $factory, for $client) in $glide_dir
 py_fetch='
 import sys, time, urllib.error, urllib.request
 url, out = sys.argv[1], sys.argv[2]
+# "fresh": past any cache on the way (a proxy then asks the server again).
+headers = {"Cache-Control": "no-cache", "Pragma": "no-cache"} if sys.argv[3:] == ["fresh"] else {}
 error = None
 for attempt in range(3):
     if attempt:
         time.sleep(1)
     try:
-        with urllib.request.urlopen(url, timeout=60) as reply, open(out, "wb") as f:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as reply, \
+                open(out, "wb") as f:
             while True:
                 chunk = reply.read(65536)
                 if not chunk:
@@ -283,14 +286,38 @@ elif command -v wget >/dev/null 2>&1; then fetcher=wget
 else fetcher=python
 fi
 
-fetch() {  # URL FILE
+fetch() {  # URL FILE [fresh]: with "fresh", past any cache on the way
+    case $3 in
+        fresh) fresh_curl='-H Cache-Control:no-cache -H Pragma:no-cache' fresh_wget=--no-cache ;;
+        *) fresh_curl= fresh_wget= ;;
+    esac
+    # (the fresh_ options are single words: unquoted on purpose)
     case $fetcher in
         # A transfer slower than 1 byte/s for a minute is a stalled server: give up on it.
         curl) curl -fsS --retry 2 --retry-delay 1 --connect-timeout 30 --speed-time 60 --speed-limit 1 \
-                   -o "$2" "$1" ;;
-        wget) wget -q -t 3 -T 60 -O "$2" "$1" ;;
-        python) "$python" -c "$py_fetch" "$1" "$2" ;;
+                   $fresh_curl -o "$2" "$1" ;;
+        wget) wget -q -t 3 -T 60 $fresh_wget -O "$2" "$1" ;;
+        python) "$python" -c "$py_fetch" "$1" "$2" $3 ;;
     esac
+}
+
+# fetch_checked URL FILE ALGO DIGEST LABEL [NAME]: fetch and check by hash, or die naming the
+# file (LABEL in a mismatch, NAME, by default LABEL, when it cannot be fetched).
+# Through a proxy, a mismatch may be the cache's: a copy corrupted on its disk, or kept from a
+# broken transfer. The glidein says so and fetches once more past the cache (which also makes
+# the proxy replace its copy), so that one bad cache entry does not fail every glidein of the
+# site; a second mismatch is the file's own and stops the glidein.
+fetch_checked() {
+    fc_url=$1 fc_file=$2 fc_algo=$3 fc_digest=$4 fc_label=$5 fc_name=${6:-$5}
+    fetch "$fc_url" "$fc_file" || die "cannot fetch $fc_name from $fc_url (with $fetcher)"
+    got=$(hash_of "$fc_algo" "$fc_file")
+    [ "$got" = "$fc_digest" ] && return 0
+    [ -n "$http_proxy_url" ] || die "$fc_label: $fc_algo mismatch: expected $fc_digest, got $got"
+    printf 'gwms glidein: %s: %s mismatch through the proxy %s (expected %s, got %s): fetching it again past the cache\n' \
+        "$fc_label" "$fc_algo" "$http_proxy_url" "$fc_digest" "$got" >&2
+    fetch "$fc_url" "$fc_file" fresh || die "cannot fetch $fc_name from $fc_url (with $fetcher)"
+    got=$(hash_of "$fc_algo" "$fc_file")
+    [ "$got" = "$fc_digest" ] || die "$fc_label: $fc_algo mismatch: expected $fc_digest, got $got"
 }
 
 hash_of() {  # ALGO FILE: prints the hex digest
@@ -313,10 +340,7 @@ hash_of() {  # ALGO FILE: prints the hex digest
 fetch_set() {
     fs_side=$1 fs_web=$2 fs_hash=$3 fs_dir=$4 fs_kinds=$5
     fs_what=${fs_side}description
-    fetch "$fs_web/descriptions/$fs_hash" "$fs_dir/description" \
-        || die "cannot fetch the $fs_what from $fs_web/descriptions/$fs_hash (with $fetcher)"
-    got=$(hash_of sha256 "$fs_dir/description")
-    [ "$got" = "$fs_hash" ] || die "$fs_what: sha256 mismatch: expected $fs_hash, got $got"
+    fetch_checked "$fs_web/descriptions/$fs_hash" "$fs_dir/description" sha256 "$fs_hash" "$fs_what" "the $fs_what"
 
     # The description is now trusted; the checks below only keep its author's mistake from
     # turning into a path outside the glide directory, and a frontend within its kinds.
@@ -362,10 +386,7 @@ fetch_set() {
         if [ -n "$fs_side" ]; then fs_label="${fs_side}file $fname"; else fs_label=$fname; fi
         # Two lines of one name: the second would replace a file already checked.
         [ ! -e "$dest" ] || die "$fs_what: $fname is listed twice"
-        fetch "$fs_web/files/$digest/$fname" "$dest" \
-            || die "cannot fetch $fs_label from $fs_web/files/$digest/$fname (with $fetcher)"
-        got=$(hash_of "$algo" "$dest")
-        [ "$got" = "$digest" ] || die "$fs_label: $algo mismatch: expected $digest, got $got"
+        fetch_checked "$fs_web/files/$digest/$fname" "$dest" "$algo" "$digest" "$fs_label"
         if [ "$kind" = ca ]; then
             printf 'GLIDEIN_CA_File=%s\n' "$dest" >> "$config"
         fi

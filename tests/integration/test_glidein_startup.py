@@ -103,6 +103,10 @@ class Proxy:
 
     def __init__(self, target: str) -> None:
         self.requests: list[str] = []
+        self.fresh: list[str] = []  # asked with Cache-Control: no-cache (past any cache)
+        # Answered corrupted: always, or (a bad cached copy) unless asked past the cache.
+        self.corrupt_always: set[str] = set()
+        self.corrupt_cached: set[str] = set()
         proxy = self
         direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -117,6 +121,11 @@ class Proxy:
                         status, body = reply.status, reply.read()
                 except urllib.error.HTTPError as e:
                     status, body = e.code, b""
+                past_cache = "no-cache" in (self.headers.get("Cache-Control") or "")
+                if past_cache:
+                    proxy.fresh.append(self.path)
+                if body and (self.path in proxy.corrupt_always or (self.path in proxy.corrupt_cached and not past_cache)):
+                    body = bytes([body[0] ^ 0xFF]) + body[1:]
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -437,6 +446,69 @@ def test_the_http_proxy_option_wins_over_the_nodes_proxy_settings(web: WebServer
     assert done.stderr.endswith(f"gwms glidein: validation report.sh failed: http_proxy={proxy.url} no_proxy= "
                                 "NO_PROXY=\n"), done.stderr
     assert proxy.requests == [f"{FACTORY_URL}/descriptions/{descript}", f"{FACTORY_URL}/files/{digest}/report.sh"]
+    assert glide_dirs(workdir) == []
+
+
+@pytest.mark.parametrize("fetcher", ["python", "curl", "wget"])
+def test_a_copy_corrupted_in_the_proxys_cache_is_caught_and_fetched_again_past_the_cache(
+        web: WebServer, credential: Path, tmp_path: Path, proxy: Proxy, fetcher: str) -> None:
+    report = b'echo "validation ran" >&2\nexit 1\n'
+    descript = publish(web.store, [("validate", "report.sh", report)])
+    digest = hashlib.sha256(report).hexdigest()
+    url = f"{FACTORY_URL}/files/{digest}/report.sh"
+    proxy.corrupt_cached.add(url)
+    tools = BASIC_TOOLS + ([] if fetcher == "python" else [fetcher])
+    env = clean_env(PATH=str(tool_dir(tmp_path, tools)))
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+
+    done = run_glidein(glidein_args(FACTORY_URL, descript, credential, http_proxy=proxy.url), workdir, env)
+
+    bad = hashlib.sha256(bytes([report[0] ^ 0xFF]) + report[1:]).hexdigest()
+    assert (f"gwms glidein: report.sh: sha256 mismatch through the proxy {proxy.url} (expected {digest}, "
+            f"got {bad}): fetching it again past the cache\n") in done.stderr
+    # The second copy, from the server, is checked and used.
+    assert done.stderr.endswith("gwms glidein: validation report.sh failed: validation ran\n"), done.stderr
+    assert proxy.requests == [f"{FACTORY_URL}/descriptions/{descript}", url, url]
+    assert proxy.fresh == [url]
+    assert glide_dirs(workdir) == []
+
+
+def test_a_file_still_wrong_past_the_cache_stops_the_glidein(web: WebServer, credential: Path, tmp_path: Path,
+                                                              proxy: Proxy) -> None:
+    report = b'echo "validation ran" >&2\nexit 1\n'
+    descript = publish(web.store, [("validate", "report.sh", report)])
+    digest = hashlib.sha256(report).hexdigest()
+    url = f"{FACTORY_URL}/files/{digest}/report.sh"
+    proxy.corrupt_always.add(url)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+
+    done = run_glidein(glidein_args(FACTORY_URL, descript, credential, http_proxy=proxy.url), workdir)
+
+    bad = hashlib.sha256(bytes([report[0] ^ 0xFF]) + report[1:]).hexdigest()
+    assert done.returncode == 1
+    assert done.stderr.endswith(f"gwms glidein: report.sh: sha256 mismatch: expected {digest}, got {bad}\n")
+    assert "validation ran" not in done.stderr
+    assert proxy.fresh == [url] and proxy.requests.count(url) == 2
+    assert glide_dirs(workdir) == []
+
+
+def test_without_a_proxy_a_mismatch_stops_the_glidein_at_once(web: WebServer, credential: Path,
+                                                               tmp_path: Path) -> None:
+    report = b'exit 0\n'
+    descript = publish(web.store, [("validate", "report.sh", report)])
+    digest = hashlib.sha256(report).hexdigest()
+    served = b"exit 1\n"
+    (web.store / "files" / digest / "report.sh").write_bytes(served)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+
+    done = run_glidein(glidein_args(web.url, descript, credential), workdir)
+
+    assert done.returncode == 1
+    assert done.stderr == (f"gwms glidein: report.sh: sha256 mismatch: expected {digest}, "
+                           f"got {hashlib.sha256(served).hexdigest()}\n")
     assert glide_dirs(workdir) == []
 
 

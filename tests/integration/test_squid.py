@@ -1,6 +1,7 @@
 """Glideins behind a real Squid (an entry's ``http_proxy``): the content-addressed glidein files
 are cached, so a second glidein reads them from the cache; and a corrupted cached copy is still
-refused, because every file is checked against its hash whoever served it. Squid runs on
+caught, because every file is checked against its hash whoever served it (and then fetched
+again past the cache, which replaces Squid's copy). Squid runs on
 127.0.0.1 with everything in a directory of its own (sites.running_squid)."""
 
 from __future__ import annotations
@@ -192,15 +193,17 @@ class Glidein:
             self.process.wait()
 
 
-def test_a_corrupted_copy_in_the_squid_cache_stops_the_glidein_that_gets_it(tmp_path: Path, origin: tuple[Path, str],
-                                                                           creds: Any) -> None:
+def test_a_corrupted_copy_in_the_squid_cache_is_caught_and_replaced(tmp_path: Path, origin: tuple[Path, str],
+                                                                    creds: Any) -> None:
     """Method: the on-disk route. This Squid has no memory cache (cache_mem 0), so every hit is
     read from its ufs swap file (TCP_HIT); the test flips bytes in the body of the swap file that
     holds a glidein file, keeping its length (Squid checks sizes, not bytes).
 
-    The first glidein fetches everything through Squid (misses), checks it and starts its startd;
-    the next one, with the same arguments, gets every file from the cache (hits, the origin not
-    asked) and stops at the corrupted one, naming it, before any validation script or startd."""
+    The first glidein fetches everything through Squid (misses), checks it and starts its startd.
+    The next one, with the same arguments, gets every file from the cache (hits, the origin not
+    asked); its hash check catches the corrupted one, names it with both hashes, and fetches it
+    once more past the cache (Cache-Control: no-cache: Squid asks the origin and replaces its
+    copy), then goes on. A third glidein gets the good copy from the cache."""
     store, web = origin
     data = f"site data {uuid.uuid4().hex}\n".encode() * 8
     digest = hashlib.sha256(data).hexdigest()
@@ -238,14 +241,30 @@ def test_a_corrupted_copy_in_the_squid_cache_stops_the_glidein_that_gets_it(tmp_
 
             second = Glidein(args, workdir, "glidein-2")
             glideins.append(second)
-            status = second.wait_for_startd_or_exit()
+            assert second.wait_for_startd_or_exit() is None, second.stderr()
+            third = Glidein(args, workdir, "glidein-3")
+            glideins.append(third)
+            assert third.wait_for_startd_or_exit() is None, third.stderr()
+            for g in (second, third):
+                g.process.send_signal(signal.SIGTERM)
+                assert g.process.wait(timeout=30) == 0, g.stderr()
         finally:
             for g in glideins:
                 g.kill()
-        mismatch = (f"gwms glidein: site-data.txt: sha256 mismatch: expected {digest}, "
-                    f"got {hashlib.sha256(corrupted).hexdigest()}\n")
-        assert (status, second.stderr()) == (1, mismatch)
-        assert "validation" not in second.stdout() and "started gwms-startd" not in second.stdout(), second.stdout()
-        hits = wait_for_requests(squid, web, 2 * len(urls))[len(urls):]
-        assert [(r.result, r.url, r.hierarchy) for r in hits] == [("TCP_HIT", url, "HIER_NONE/-") for url in urls]
+        caught = (f"gwms glidein: site-data.txt: sha256 mismatch through the proxy {squid.url} (expected {digest}, "
+                  f"got {hashlib.sha256(corrupted).hexdigest()}): fetching it again past the cache\n")
+        # (After that, only what stopping the startd with TERM prints.)
+        assert second.stderr().startswith(caught) and second.stderr().count("mismatch") == 1, second.stderr()
+        assert "mismatch" not in third.stderr(), third.stderr()
+        [data_url] = [url for url in urls if url.endswith("/site-data.txt")]
+        seen = wait_for_requests(squid, web, 3 * len(urls) + 1)
+        second_requests, third_requests = seen[len(urls):2 * len(urls) + 1], seen[2 * len(urls) + 1:]
+        # The second glidein: every file from the cache, then site-data.txt again from the origin.
+        assert [(r.result, r.url) for r in second_requests[:-1]] == [("TCP_HIT", url) for url in urls]
+        refetch = second_requests[-1]
+        assert refetch.url == data_url and refetch.result in ("TCP_MISS", "TCP_CLIENT_REFRESH_MISS"), refetch
+        assert refetch.hierarchy == "HIER_DIRECT/127.0.0.1", refetch
+        # The third: all hits, the repaired copy included.
+        assert [(r.result, r.url, r.hierarchy) for r in third_requests] == [
+            ("TCP_HIT", url, "HIER_NONE/-") for url in urls]
     assert not list(workdir.glob("glide_*"))
