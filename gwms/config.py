@@ -231,13 +231,16 @@ ENTRY_KEYS: dict[str, Key] = {
                                       "for ADVERTISE_STARTD only, subject glidein-<id>@<factory>, for the glidein's "
                                       "lifetime (needs [factory] token_signing_key)."),
     "python": Key("str", None, "The node's Python for the startd (default: python3 on the PATH)."),
-    "worker_listen": Key("str", "127.0.0.1", "Address the glideins' startds listen on."),
+    "worker_listen": Key("str", "127.0.0.1", "Address the glideins' startds listen on: 0.0.0.0 for every "
+                                             "interface of a worker node, which then advertises the address it "
+                                             "reaches the pool's collector from."),
     "brokers": Key("strlist", [], "GCB brokers (host:port) the glideins register with: for nodes that can only "
                                   "connect out, their startds listen on no port and are reached through them."),
     "http_proxy": Key("str", None, "HTTP proxy (a Squid near the workers, http://host:port) the glideins fetch "
                                    "their files through; the files are content-addressed and cacheable."),
-    "worker_dir": Key("str", None, "Directory on the worker node under which a batch glidein makes its own "
-                                   "(slurm, ssh; default: $TMPDIR, else /tmp; for ssh/fork: its remote work area)."),
+    "worker_dir": Key("str", None, "Directory on the worker node under which a Slurm glidein makes its own "
+                                   "(slurm, and ssh with remote_batch = slurm; default: $TMPDIR, else /tmp). A fork "
+                                   "glidein runs in the remote work area."),
     "partition": Key("str", None, "Slurm partition (slurm, and ssh with remote_batch = slurm)."),
     "account": Key("str", None, "Slurm account charged for the glideins."),
     "qos": Key("str", None, "Slurm quality of service."),

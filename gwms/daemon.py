@@ -87,13 +87,36 @@ def collectors(reactor: Any, config: HostConfig, connector: Any = None,
                          connect_timeout=config.pool["connect_timeout"], connector=connector)
 
 
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def outbound_host(host: str, port: int) -> str:
+    """The address this host uses to reach ``host:port`` (the kernel's choice of interface; no
+    packet is sent), or its FQDN if there is no route."""
+    import socket
+
+    try:
+        family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect(sockaddr)
+            return str(s.getsockname()[0])
+    except OSError:
+        return socket.getfqdn()
+
+
 class MessageListener(service.Service):
     """Listens on a TCP address (and optionally a UNIX socket) with a message server factory;
-    writes the address it got to ``address_file`` (for port 0)."""
+    writes the address it got to ``address_file`` (for port 0).
+
+    Bound to every interface (0.0.0.0 or ::), it advertises the address this host reaches
+    ``advertise_toward`` (the pool's collector) from: what a worker node's glidein, started by
+    a batch system on a host the factory never named, must publish for schedds to reach it."""
 
     def __init__(self, reactor: Any, factory: MessageServerFactory, tcp: tuple[str, int] | None,
-                 unix_socket: Path | None = None, address_file: Path | None = None) -> None:
+                 unix_socket: Path | None = None, address_file: Path | None = None,
+                 advertise_toward: tuple[str, int] | None = None) -> None:
         self.reactor = reactor
+        self.advertise_toward = advertise_toward
         self.factory = factory
         self.tcp = tcp
         self.unix_socket = unix_socket
@@ -121,7 +144,10 @@ class MessageListener(service.Service):
         self.ports = ports
         if self.tcp is not None:
             addr = ports[0].getHost()
-            self.address = Address(host=addr.host, port=addr.port)
+            host = addr.host
+            if host in WILDCARD_HOSTS and self.advertise_toward is not None:
+                host = outbound_host(*self.advertise_toward)
+            self.address = Address(host=host, port=addr.port)
             log.info("listening on {address}", address=str(self.address))
             if self.address_file is not None:
                 write_address_file(self.address_file, str(self.address))

@@ -160,7 +160,8 @@ class NegotiatorService(service.MultiService):
         from gwms.gcb.client import Brokers, brokered_listener_options
 
         tcp, brokered = brokered_listener_options(config, settings["listen"])
-        self.listener = MessageListener(reactor, self.factory, tcp, None, settings["address_file"])
+        self.listener = MessageListener(reactor, self.factory, tcp, None, settings["address_file"],
+                                        advertise_toward=next(iter(config.pool["collectors"]), None))
         self.listener.setServiceParent(self)
         self.brokers = None
         if brokered:  # reachable through the brokers (gwms.gcb): schedds' RESCHEDULE comes that way

@@ -292,6 +292,7 @@ class SSHGridSubmitter:
         self.reactor = reactor
         self.startup_script = Path(startup_script)
         self.control_dir = control_dir
+        self._socket_dir: Path | None = None  # control_dir, or one under /tmp when that is too long
         self.runner = runner  # the local runner (ssh itself); tests give a fake one
         self.timeout = timeout
         self.remotes: dict[tuple[str, str | None, str | None, tuple[str, ...]], SSHRemote] = {}
@@ -313,8 +314,10 @@ class SSHGridSubmitter:
         options = tuple(str(o) for o in entry.get("ssh_options") or ())
         ident = (str(entry["contact"]), str(key) if key else None, str(known) if known else None, options)
         if ident not in self.remotes:
+            if self._socket_dir is None:  # one directory for all the remotes' sockets
+                self._socket_dir = _control_dir(self.control_dir)
             self.remotes[ident] = SSHRemote(self.reactor, ident[0], Path(key) if key else None,
-                                            Path(known) if known else None, options, self.control_dir, self.runner)
+                                            Path(known) if known else None, options, self._socket_dir, self.runner)
         return self.remotes[ident]
 
     def _batch(self, remote: SSHRemote) -> SlurmBatch:
@@ -333,7 +336,14 @@ class SSHGridSubmitter:
         return remote, f"{remote.absolute(str(entry.get('remote_dir') or '.gwms'))}/{name}"
 
     def stop(self) -> defer.Deferred[Any]:
-        return defer.gatherResults([r.stop() for r in self.remotes.values()])
+        """Close every connection; remove the control directory if it was made under /tmp."""
+
+        def tidy(result: Any) -> Any:
+            if self._socket_dir is not None and self._socket_dir != self.control_dir:
+                shutil.rmtree(self._socket_dir, ignore_errors=True)
+            return result
+
+        return defer.gatherResults([r.stop() for r in self.remotes.values()]).addBoth(tidy)
 
     # -- IGridSubmitter ------------------------------------------------------------------------
     @defer.inlineCallbacks

@@ -601,7 +601,7 @@ class ScheddService(service.MultiService):
 
         tcp, brokered = brokered_listener_options(config, (host, port))
         self.listener = MessageListener(reactor, listening_factory, tcp, settings["unix_socket"],
-                                        settings["address_file"])
+                                        settings["address_file"], advertise_toward=next(iter(config.pool["collectors"]), None))
         self.listener.setServiceParent(self)
         self.brokers = None
         if brokered:  # reachable through the brokers (gwms.gcb): the negotiator comes that way

@@ -682,7 +682,8 @@ class StartdService(service.MultiService):
         # With broker_only the startd listens on no port at all: schedds reach it through its
         # brokers (gwms.gcb), which relay to it or have it connect back.
         tcp, brokered = brokered_listener_options(config, settings["listen"])
-        self.listener = MessageListener(reactor, self.factory, tcp, None, settings["address_file"])
+        self.listener = MessageListener(reactor, self.factory, tcp, None, settings["address_file"],
+                                        advertise_toward=next(iter(config.pool["collectors"]), None))
         self.listener.setServiceParent(self)
         self.brokers = None
         self.address_file = settings["address_file"]

@@ -27,6 +27,9 @@ partition = "debug"
 slurm_options = ["--cpus-per-task=1"]
 nodes = {nodes}
 worker_dir = "{workdir / 'worker'}"
+# As on worker nodes the factory never names: every interface, advertising the address the node
+# reaches the collector from.
+worker_listen = "0.0.0.0"
 python = "{sys.executable}"
 attributes = {{ GLIDEIN_Site = "HPC", GLIDEIN_CPUS = 1, GLIDEIN_MaxMemMBs = 512 }}
 allowed_frontends = ["/O=gwms/OU=Hosts/CN=localhost"]
@@ -116,6 +119,10 @@ def test_a_glidein_cancelled_with_scancel_is_seen_by_the_factory_and_leaves_the_
     glidein_name = job["RemoteHost"].split("@")[1]
     [job_id] = [i for i, (name, state) in gwms_jobs(slurm.jobs(), before).items() if state == "RUNNING"]
     assert slurm.jobs()[job_id][0] == f"gwms-{glidein_name}"
+    # Listening on every interface, the glidein's startd advertises where it reaches the collector from.
+    status = ["status", "--json", "--pool", pool.address]
+    [slot] = [ad for ad in json.loads(gwms_cli(*status, env=env).stdout) if glidein_name in ad.get("Name", "")]
+    assert slot["MyAddress"].startswith("127.0.0.1:"), slot["MyAddress"]
     # An operator cancels it: Slurm TERMs every process of the job, users' job included, and
     # KILLs what is left 5 s (KillWait) later.
     assert slurm.command("scancel", job_id).returncode == 0
@@ -125,7 +132,6 @@ def test_a_glidein_cancelled_with_scancel_is_seen_by_the_factory_and_leaves_the_
     line = next(line for line in pool.log_text().splitlines() if f"glidein {glidein_name} at hpc finished" in line)
     assert "CANCELLED" in line
     # Its slot leaves the pool, the job does not stay on it, and the node keeps nothing.
-    status = ["status", "--json", "--pool", pool.address]
     wait_until(lambda: not any(glidein_name in ad.get("Name", "")
                                for ad in json.loads(gwms_cli(*status, env=env).stdout or "[]")), 60,
                "the cancelled glidein's slot to leave the pool")
