@@ -88,6 +88,8 @@ def collectors(reactor: Any, config: HostConfig, connector: Any = None,
 
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+# Seconds a stopping daemon waits for its peers to see their connections close.
+CLOSE_GRACE = 2.0
 
 
 def outbound_host(host: str, port: int) -> str:
@@ -159,16 +161,21 @@ class MessageListener(service.Service):
     @defer.inlineCallbacks
     def stopService(self) -> Any:
         """Stop listening, then close every connection cleanly (what was written, a reply
-        telling a shadow its job was evicted say, still reaches the peer), waiting up to a few
-        seconds for the peers to see it."""
+        telling a shadow its job was evicted say, still reaches the peer), waiting up to
+        CLOSE_GRACE for the peers to see it. A TLS close waits for the peer's own close_notify:
+        a peer that does not read (hung, or a blocked client) is then cut off."""
         super().stopService()
         yield defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in self.ports])
         for proto in list(self.factory.connections):
             proto.flush()
             proto.transport.loseConnection()
-        deadline = self.reactor.seconds() + 5.0
+        deadline = self.reactor.seconds() + CLOSE_GRACE
         while self.factory.connections and self.reactor.seconds() < deadline:
             yield task.deferLater(self.reactor, 0.05, lambda: None)
+        for proto in list(self.factory.connections):
+            abort = getattr(proto.transport, "abortConnection", None)
+            if abort is not None:
+                abort()
         self.factory.security.auditor.close()
 
 

@@ -80,12 +80,15 @@ class IIdentitySwitch(Interface):
 class IGridSubmitter(Interface):
     """Submits glideins to one kind of Grid CE or batch system, and follows and removes them.
 
-    The factory loads one per grid kind (``grid = "local"`` in an entry; ``slurm`` and ``ssh``
-    come later) with ``from_config(config, reactor)`` and calls it for every entry of that kind
-    with the entry's configuration (a dict of [factory.entry.NAME], with its ``name``). Every
-    call returns a Deferred and must not block the reactor (external commands run through
-    ``reactor.spawnProcess``). Calls are per entry and in bulk: one status query per entry per
-    cycle, however many glideins it has, which is what a batch system can bear.
+    The factory loads one per grid kind (``grid = "local"``, ``"slurm"`` or ``"ssh"`` in an
+    entry, or a site's ``module:Class``) with ``from_config(config, reactor)`` and calls it for
+    every entry of that kind with the entry's configuration (a dict of [factory.entry.NAME],
+    with its ``name``). Every call returns a Deferred and must not block the reactor (external
+    commands run through ``reactor.spawnProcess``: ``gwms.plugins.commands.run_command``). Calls
+    are per entry and in bulk: one status query per entry per cycle, however many glideins it
+    has, which is what a batch system can bear. A call that fails (``CommandError``: the batch
+    system did not answer) is logged and that entry's cycle stops there; the other entries go
+    on. A plugin may have ``stop()``, called (and waited for) when the factory stops.
 
     A glidein is known by the id the factory gave it (unique, safe as a file name) and by the
     grid id the plugin returned (opaque to the factory; it keeps both in its records, so that a

@@ -271,9 +271,10 @@ def parse_fork_status(output: str) -> dict[str, GridStatus]:
 
 def check_ssh_entry(source: str, name: str, entry: Mapping[str, Any]) -> None:
     where = f"{source}: [factory.entry.{name}]"
-    if CONTACT.match(str(entry.get("contact") or "")) is None:
-        raise ConfigError(f"{where} contact must be user@host or user@host:port for the ssh grid, "
-                          f"got {entry.get('contact')!r}")
+    m = CONTACT.match(str(entry.get("contact") or ""))
+    if m is None or (m["port"] is not None and not 1 <= int(m["port"]) <= 65535):
+        raise ConfigError(f"{where} contact must be user@host or user@host:port (port 1-65535) for the ssh "
+                          f"grid, got {entry.get('contact')!r}")
     if entry.get("remote_batch", "fork") not in REMOTE_BATCHES:
         raise ConfigError(f"{where} remote_batch must be one of {', '.join(REMOTE_BATCHES)}, "
                           f"got {entry.get('remote_batch')!r}")
@@ -393,7 +394,8 @@ class SSHGridSubmitter:
         if entry.get("remote_batch", "fork") == "fork":
             result = yield checked(remote.run, ["sh", "-c", FORK_STATUS, "gwms-status", area,
                                                 str(int(REMOVE_GRACE)), *ids], self.timeout)
-            return parse_fork_status(result.stdout)
+            wanted = set(ids)
+            return {k: v for k, v in parse_fork_status(result.stdout).items() if k in wanted}
         by_job = {grid_id.split(":", 1)[0]: grid_id for grid_id in ids}
         statuses = yield self._batch(remote).query(list(by_job))
         return {by_job[job]: status for job, status in statuses.items() if job in by_job}

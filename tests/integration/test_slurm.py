@@ -68,38 +68,43 @@ def env_for(slurm):
     return make
 
 
-def test_glideins_submitted_with_sbatch_run_jobs_and_end_before_the_slurm_time_limit(
-        slurm, tmp_path, start_daemon, gwms_cli, env_for, monkeypatch):
-    # A one-minute Slurm limit, much shorter than the glideins' idle time (1200 s): the glidein
-    # must still end by itself, before Slurm's TIMEOUT.
-    config = slurm_pool_config(tmp_path, walltime=60)
-    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
-    before = set(slurm.jobs())
-    pool = start_pool(start_daemon, config, tmp_path)
-    env = env_for(config)
-    cluster = submit(gwms_cli, env, tmp_path / "jobs", 3, "echo ran on $(hostname)")
-    done = wait_until(lambda: (h := history(gwms_cli, env, cluster)) and len(h) == 3 and h, 90,
+@pytest.fixture(scope="module")
+def short_limit(slurm, tmp_path_factory):
+    """A pool whose entry has a one-minute Slurm limit, much shorter than its glideins' idle time
+    (1200 s), with three jobs submitted: started by the module's first test and checked by its
+    last, so that the other tests run while its glideins live out their minute."""
+    from types import SimpleNamespace
+
+    from conftest import Daemon, run_gwms
+
+    workdir = tmp_path_factory.mktemp("short-limit")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SLURM_CONF", str(slurm.conf))
+        before = set(slurm.jobs())
+        config = slurm_pool_config(workdir, walltime=60)
+        pool = start_pool(Daemon, config, workdir)
+        try:
+            env = {**slurm.env, "GWMS_CONFIG": str(config)}
+            cluster = submit(run_gwms, env, workdir / "jobs", 3, "echo ran on $(hostname)")
+            yield SimpleNamespace(pool=pool, env=env, before=before, cluster=cluster, workdir=workdir, glideins={})
+        finally:
+            pool.stop()
+
+
+def test_glideins_submitted_with_sbatch_join_the_pool_and_run_the_jobs(slurm, short_limit, gwms_cli):
+    env, before = short_limit.env, short_limit.before
+    done = wait_until(lambda: (h := history(gwms_cli, env, short_limit.cluster)) and len(h) == 3 and h, 90,
                       "the jobs to complete in Slurm glideins")
     assert sorted((j["ProcId"], j["JobStatus"], j["ExitCode"]) for j in done) == [(i, 4, 0) for i in range(3)]
     assert all(j["RemoteHost"].split("@")[1].startswith("hpc-") for j in done), done
     glideins = gwms_jobs(slurm.jobs(), before)
     assert glideins, "no glidein was a Slurm job"
+    assert {j["RemoteHost"].split("@")[1] for j in done} <= {name[len("gwms-"):] for name, _ in glideins.values()}
     # The factory asked for a one-minute limit and one CPU.
     for job_id in glideins:
         shown = slurm.command("scontrol", "show", "job", job_id).stdout
         assert "TimeLimit=00:01:00" in shown and "NumCPUs=1" in shown, shown
-    # The glideins end at the limit minus their stop margin (45 s), cleanly: COMPLETED, not TIMEOUT.
-    finished = wait_until(lambda: (c := gwms_jobs(slurm.completed(), before)) and set(glideins) <= set(c) and c, 90,
-                          "the Slurm glideins to end")
-    assert {finished[i][1] for i in glideins} == {"COMPLETED"}, finished
-    # The factory saw them finish with exit code 0 and forgot their files; the worker area is clean.
-    wait_until(lambda: pool.log_text().count("finished (exit code 0) COMPLETED") >= len(glideins), 30,
-               "the factory to see the glideins finish")
-    assert list((tmp_path / "worker").iterdir()) == []
-    area = tmp_path / "run" / "factory" / "slurm" / "hpc"
-    wait_until(lambda: not list(area.glob("*.sh")), 30, "the factory to forget the glideins' files")
-    log = pool.log_text()
-    assert "TIMEOUT" not in log and "CANCELLED" not in log
+    short_limit.glideins.update(glideins)
 
 
 def test_a_glidein_cancelled_with_scancel_is_seen_by_the_factory_and_leaves_the_pool(
@@ -166,3 +171,20 @@ def test_a_multi_node_slurm_job_starts_one_glidein_per_node(slurm, tmp_path, sta
     pool.stop()
     assert slurm.jobs()[job_id][1] == "COMPLETED", slurm.jobs()[job_id]
     assert "glideins did not end in time" not in pool.log_text()
+
+
+def test_a_slurm_time_limit_shorter_than_the_idle_time_still_ends_the_glideins_cleanly(slurm, short_limit):
+    glideins, pool, workdir = short_limit.glideins, short_limit.pool, short_limit.workdir
+    assert glideins, "the module's first test did not see the glideins run"
+    # The glideins end at the limit less their stop margin (45 s), cleanly: COMPLETED, not TIMEOUT.
+    finished = wait_until(lambda: (c := gwms_jobs(slurm.completed(), short_limit.before))
+                          and set(glideins) <= set(c) and c, 90, "the Slurm glideins to end")
+    assert {finished[i][1] for i in glideins} == {"COMPLETED"}, finished
+    # The factory saw them finish with exit code 0 and forgot their files; the node is clean.
+    wait_until(lambda: pool.log_text().count("finished (exit code 0) COMPLETED") >= len(glideins), 30,
+               "the factory to see the glideins finish")
+    assert list((workdir / "worker").iterdir()) == []
+    area = workdir / "run" / "factory" / "slurm" / "hpc"
+    wait_until(lambda: not list(area.glob("*.sh")), 30, "the factory to forget the glideins' files")
+    log = pool.log_text()
+    assert "TIMEOUT" not in log and "CANCELLED" not in log

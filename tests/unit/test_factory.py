@@ -380,3 +380,56 @@ def test_entry_attributes_and_brokers_reach_the_glideins_through_the_published_a
     assert text.splitlines() == ["GLIDEIN_Brokers=gcb.example.org:9630", "GLIDEIN_CPUS=4",
                                  "GLIDEIN_Max_Walltime=600", "GLIDEIN_Site=SiteX"]
     assert [e.kind for e in entries].count("validate") == 3  # the stock scripts
+
+
+def test_a_batch_system_that_does_not_answer_stops_only_its_entrys_cycle(env):
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from gwms.plugins.commands import CommandError
+
+    env.request("frontend1", "A", idle=2)
+    env.request("frontend1", "B", idle=2)
+    real_query = env.grid.query
+    down = {"A"}
+
+    def query(entry, grid_ids):
+        if entry["name"] in down:
+            return defer.fail(CommandError(["squeue", "--noheader"], 1,
+                                           "slurm_load_jobs error: Unable to contact slurm controller\n"))
+        return real_query(entry, grid_ids)
+
+    env.grid.query = query
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        env.cycle()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    # A submitted nothing (without its glideins' states it cannot count them); B went on.
+    assert env.states("A") == {} and env.states("B") == {QUEUED: 2}
+    [warning] = [formatEvent(e) for e in events if "stopped" in formatEvent(e)]
+    assert warning == ("factory: the cycle of entry A stopped: squeue exited 1: slurm_load_jobs error: "
+                       "Unable to contact slurm controller")
+    down.clear()
+    env.cycle()
+    assert env.states("A") == {QUEUED: 2}
+
+
+def test_an_entrys_http_proxy_reaches_its_glideins_and_must_be_an_http_url(tmp_path):
+    from gwms.config import ConfigError
+
+    env = Env(tmp_path)
+    text = CONFIG.format(work=tmp_path / "factory", enabled_b="true").replace(
+        '[factory.entry.B]\n', '[factory.entry.B]\nhttp_proxy = "http://squid.site.example:3128"\n')
+    env.config = parse_config(text, "<test>", base=tmp_path)
+    env.factory = env.make_factory()
+    env.request("frontend1", "B", idle=1)
+    env.request("frontend1", "A", idle=1)
+    env.cycle()
+    by_entry = {g.arguments[g.arguments.index("-entry") + 1]: list(g.arguments) for g in env.grid.submissions.values()}
+    assert by_entry["B"][by_entry["B"].index("-http_proxy") + 1] == "http://squid.site.example:3128"
+    assert "-http_proxy" not in by_entry["A"]
+    for bad in ("https://squid:3128", "squid:3128", "http://", "http://squid:3128 -x"):
+        env.config = parse_config(text.replace("http://squid.site.example:3128", bad), "<test>", base=tmp_path)
+        with pytest.raises(ConfigError, match=r"\[factory.entry.B\] http_proxy must be an http:// URL"):
+            env.make_factory()

@@ -179,7 +179,7 @@ def test_check_ssh_entry_accepts(entry):
      "remote_batch must be one of fork, slurm, got 'pbs'"),
     ({"contact": "u@h", "remote_dir": ".gwms", "remote_batch": None}, "remote_batch must be one of fork, slurm"),
     ({"contact": "a;b@h", "remote_dir": ".gwms"},
-     "contact must be user@host or user@host:port for the ssh grid, got 'a;b@h'"),
+     "contact must be user@host or user@host:port (port 1-65535) for the ssh grid, got 'a;b@h'"),
     ({"contact": "u@h\n", "remote_dir": ".gwms"}, "contact must be user@host or user@host:port"),
     ({"contact": "", "remote_dir": ".gwms"}, "got ''"),
     ({"remote_dir": ".gwms"}, "got None"),
@@ -980,3 +980,12 @@ def test_an_ssh_entry_with_bad_slurm_keys_fails_at_start_up(short_dir):
         load_plugin("grid submitter", "ssh", GRID_SUBMITTERS, IGridSubmitter,
                     parse_config(text, "site.toml", base=short_dir), MemoryReactorClock())
 
+
+
+@pytest.mark.parametrize("contact", ["u@h:0", "u@h:65536", "u@h:99999"])
+def test_an_ssh_contact_with_a_port_out_of_range_is_refused_at_start_up(contact):
+    from gwms.config import ConfigError
+    from gwms.plugins.grid_ssh import check_ssh_entry
+
+    with pytest.raises(ConfigError, match=r"port 1-65535"):
+        check_ssh_entry("<test>", "e", {"contact": contact, "remote_batch": "fork", "remote_dir": ".gwms"})
