@@ -89,6 +89,11 @@ def _ca_issue(args: argparse.Namespace) -> int:
     if args.host is not None:
         days = args.days if args.days is not None else 825
         cert, key = _ca.issue_host(directory, args.host, days=days, extra_names=args.alt or ())
+    elif args.pilot is not None:
+        if len(args.alt) > 1:
+            raise UsageError("a pilot certificate names one host (--alt HOST; default: localhost)")
+        days = args.days if args.days is not None else 30
+        cert, key = _ca.issue_pilot(directory, args.pilot, args.alt[0] if args.alt else "localhost", days=days)
     else:
         if args.alt:
             raise UsageError("--alt only applies to host certificates (--host)")
@@ -316,15 +321,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default="gwms CA", help="CA common name (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="replace an existing CA")
     p.set_defaults(func=_ca_init)
-    p = ca_sub.add_parser("issue", help="issue a host or user certificate from the CA in DIR")
+    p = ca_sub.add_parser("issue", help="issue a host, user or pilot certificate from the CA in DIR")
     p.add_argument("directory", metavar="DIR")
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--host", metavar="NAME", help="host certificate for NAME")
     who.add_argument("--user", metavar="NAME", help="user certificate for NAME")
+    who.add_argument("--pilot", metavar="NAME", help="pilot certificate (OU=Pilots, CN=NAME) for glideins: "
+                                                     "a client to the collector and a server to schedds")
     p.add_argument("--alt", metavar="NAME", action="append", default=[],
-                   help="extra DNS name or IP address for a host certificate (repeatable)")
+                   help="extra DNS name or IP address for a host certificate (repeatable); for a pilot, "
+                        "the one host its certificate names (default: localhost)")
     p.add_argument("--days", type=int, default=None,
-                   help="lifetime in days (default: 825 for hosts, 365 for users)")
+                   help="lifetime in days (default: 825 for hosts, 365 for users, 30 for pilots)")
     p.set_defaults(func=_ca_issue)
 
     proxy = subparsers.add_parser("proxy", help="RFC 3820 proxy certificates")

@@ -156,6 +156,9 @@ class Factory:
             if entry["pilot_token"] and settings["token_signing_key"] is None:
                 raise ConfigError(f"{config.source}: [factory.entry.{name}] pilot_token needs [factory] "
                                   "token_signing_key")
+            if not entry["allowed_frontends"] and entry["enabled"]:
+                log.warn("factory: entry {entry} has no allowed_frontends: no request will count, nothing will be "
+                         "submitted there", entry=name)
             proxy = entry["http_proxy"]
             if proxy is not None and (not proxy.startswith("http://") or len(proxy) <= len("http://")
                                       or any(c.isspace() for c in proxy)):

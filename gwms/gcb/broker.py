@@ -104,6 +104,11 @@ class Broker:
     def __init__(self, reactor: Any, config: HostConfig, make_mux: Callable[[], Any]) -> None:
         self.reactor = reactor
         settings = config.section("gcb")
+        from gwms.config import LEVELS, ConfigError
+
+        if settings["registration_level"] not in LEVELS:
+            raise ConfigError(f"{config.source}: [gcb] registration_level must be one of {', '.join(LEVELS)}, "
+                              f"got {settings['registration_level']!r}")
         self.settings = settings
         self.public_host = settings["public_host"] or settings["listen"][0]
         self.make_mux = make_mux

@@ -83,6 +83,27 @@ def test_ca_issue_needs_exactly_one_of_host_or_user(tmp_path: Path,
     assert code == 2 and "must not contain" in err
 
 
+def test_ca_issue_pilot_makes_a_certificate_glideins_can_serve_and_connect_with(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cryptography import x509 as cx509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    directory = tmp_path / "ca"
+    assert run(["ca", "init", str(directory)], capsys)[0] == 0
+    code, out, _ = run(["ca", "issue", str(directory), "--pilot", "cmsprod", "--alt", "wn.example.org"], capsys)
+    assert code == 0
+    cert_path, key_path = (Path(p) for p in out.split())
+    cert = load_credential(cert_path, key_path).cert
+    assert cert.subject.rfc4514_string() == "CN=cmsprod,OU=Pilots,O=gwms"
+    usages = cert.extensions.get_extension_for_class(cx509.ExtendedKeyUsage).value
+    assert set(usages) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+    names = cert.extensions.get_extension_for_class(cx509.SubjectAlternativeName).value
+    assert names.get_values_for_type(cx509.DNSName) == ["wn.example.org"]
+    assert cert.not_valid_after_utc - dt.datetime.now(dt.timezone.utc) < dt.timedelta(days=30)
+    code, _, err = run(["ca", "issue", str(directory), "--pilot", "p2", "--alt", "a", "--alt", "b"], capsys)
+    assert code == 2 and "a pilot certificate names one host" in err
+
+
 # --------------------------------------------------------------------------------------------
 # gwms proxy
 

@@ -247,7 +247,7 @@ def identities(fermilab, tmp_path_factory) -> dict[str, str]:
              "pool.toml": host_of(fermilab["pool.toml"], "collector"),
              **{name: host_of(fermilab[name], "schedd") for name in SCHEDDS}}
     assert sorted(re.findall(r"gwms ca issue ca --host (\S+)", readme)) == sorted(hosts.values())
-    [pilot_name] = re.findall(r'issue_pilot\("ca", "([^"]+)"', readme)
+    [pilot_name] = re.findall(r'gwms ca issue ca --pilot (\S+)', readme)
 
     ca = tmp_path_factory.mktemp("fermilab-ca")
     init_ca(ca, name="FNAL CMS gwms CA")

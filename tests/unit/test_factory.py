@@ -433,3 +433,20 @@ def test_an_entrys_http_proxy_reaches_its_glideins_and_must_be_an_http_url(tmp_p
         env.config = parse_config(text.replace("http://squid.site.example:3128", bad), "<test>", base=tmp_path)
         with pytest.raises(ConfigError, match=r"\[factory.entry.B\] http_proxy must be an http:// URL"):
             env.make_factory()
+
+
+def test_an_enabled_entry_without_allowed_frontends_is_warned_about_at_start(tmp_path):
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    env = Env(tmp_path)
+    text = CONFIG.format(work=tmp_path / "factory", enabled_b="true").replace(
+        '[factory.entry.C]\ngrid = "fake"\nallowed_frontends = ["frontend1"]\n', '[factory.entry.C]\ngrid = "fake"\n')
+    env.config = parse_config(text, "<test>", base=tmp_path)
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        env.make_factory()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [formatEvent(e) for e in events if "allowed_frontends" in formatEvent(e)] == [
+        "factory: entry C has no allowed_frontends: no request will count, nothing will be submitted there"]

@@ -178,3 +178,12 @@ def test_the_clients_listener_hands_connect_backs_to_their_requests_and_passes_t
     stranger.makeConnection(transport)
     stranger.dataReceived(b"GCB-CONNECT-BACK " + b"d" * 64 + b"\n")
     assert transport.disconnecting  # nobody asked for it
+
+
+@pytest.mark.parametrize("level", ["daemon", "REGISTER", ""])
+def test_a_registration_level_that_is_no_level_is_refused_at_start_up(level):
+    from gwms.config import ConfigError
+
+    config = parse_config(f'[gcb]\nregistration_level = "{level}"\n', "site.toml")
+    with pytest.raises(ConfigError, match=r"site.toml: \[gcb\] registration_level must be one of .*DAEMON"):
+        Broker(MemoryReactorClock(), config, FakeMux)
