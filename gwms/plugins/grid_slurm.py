@@ -200,15 +200,40 @@ class SlurmBatch:
                           node_output if nodes > 1 else None)
 
     @defer.inlineCallbacks
-    def sbatch(self, argv: Sequence[str], stdin: bytes | None = None) -> Any:
+    def sbatch(self, argv: Sequence[str], stdin: bytes | None = None, job_name: str | None = None) -> Any:
         """Run sbatch (``argv`` may stage its script from ``stdin`` first); fires with the job
-        id, or fails with CommandError."""
-        result = yield checked(self.runner, argv, self.timeout, stdin)
+        id, or fails with CommandError.
+
+        An sbatch that gave no answer (killed past its time, or "Socket timed out" talking to
+        slurmctld) may still have submitted the job: with ``job_name``, one squeue for that name
+        finds it, so the glidein is followed rather than left running unknown to the factory."""
+        try:
+            result = yield checked(self.runner, argv, self.timeout, stdin)
+        except CommandError as e:
+            if job_name is None or not (e.exit_code is None or "timed out" in e.stderr):
+                raise
+            found = yield self._find_by_name(job_name)
+            if found is None:
+                raise
+            log.warn("slurm: sbatch did not answer ({error}), but Slurm has job {job} named {name}: following it",
+                     error=str(e), job=found, name=job_name)
+            return found
         job_id = parse_job_id(result.stdout)
         if job_id is None:
             raise CommandError(argv, result.exit_code, f"gave no job id: stdout {result.stdout[:300]!r}, "
                                                        f"stderr {result.stderr[:300]!r}")
         return job_id
+
+    @defer.inlineCallbacks
+    def _find_by_name(self, job_name: str) -> Any:
+        """The id of the one job Slurm knows by ``job_name``, or None."""
+        argv = ["squeue", "--noheader", "--states=all", "--format=%i", f"--name={job_name}"]
+        try:
+            result = yield checked(self.runner, argv, self.timeout)
+        except CommandError:
+            return None
+        ids = [line.strip() for line in result.stdout.splitlines() if line.strip()]
+        return ids[0] if len(ids) == 1 and ids[0].isascii() and ids[0].isdigit() else None
 
     @defer.inlineCallbacks
     def query(self, grid_ids: Sequence[str]) -> Any:
@@ -375,7 +400,7 @@ class SlurmGridSubmitter:
                 continue
             argv = self.batch.sbatch_argv(entry, g.glidein_id, str(script), str(self._dir(entry)))
             try:
-                job_id = yield self.batch.sbatch(argv)
+                job_id = yield self.batch.sbatch(argv, job_name=f"gwms-{g.glidein_id}")
             except CommandError as e:
                 log.warn("slurm glidein {id}: sbatch failed: {error}", id=g.glidein_id, error=str(e))
                 self._cleanup(entry, g.glidein_id)

@@ -378,7 +378,7 @@ class SSHGridSubmitter:
                     script = batch.script(entry, g, startup, credential, area)
                     sbatch = batch.sbatch_argv(entry, g.glidein_id, path, area)
                     job_id = yield batch.sbatch(["sh", "-c", STAGE_AND_RUN, "gwms-stage", area, path, *sbatch],
-                                                script.encode())
+                                                script.encode(), job_name=f"gwms-{g.glidein_id}")
                     submitted[g.glidein_id] = f"{job_id}:{g.glidein_id}"
             except (CommandError, OSError, ValueError) as e:
                 log.warn("ssh glidein {id} to {contact}: not submitted: {error}", id=g.glidein_id,

@@ -225,12 +225,14 @@ def test_worker_dir_is_where_the_glidein_makes_its_directory(setup):
 def test_a_failing_sbatch_is_logged_its_files_go_and_the_others_still_go(setup):
     sub, runner = setup(failed("sbatch: error: Batch job submission failed: Invalid partition name specified\n"),
                         CommandError(["sbatch"], None, "no answer in 60s: killed"),
+                        ok(""),  # squeue --name: Slurm has no job of b's
                         ok("99\n"))
     gs = [GlideinSubmission("a", (), setup.cred), GlideinSubmission("b", (), setup.cred),
           GlideinSubmission("c", (), setup.cred)]
     with capturedLogs() as events:
         assert result_of(sub.submit(ENTRY, gs)) == {"c": "99"}
-    assert len(runner.calls) == 3
+    assert len(runner.calls) == 4
+    assert runner.calls[2] == ["squeue", "--noheader", "--states=all", "--format=%i", "--name=gwms-b"]
     logged = messages(events)
     assert ("slurm glidein a: sbatch failed: sbatch exited 1: sbatch: error: Batch job submission failed: "
             "Invalid partition name specified") in logged
@@ -636,3 +638,29 @@ def test_load_plugin_refuses_a_bad_slurm_entry(tmp_path):
     with pytest.raises(ConfigError, match="nodes must be at least 1"):
         load_plugin("grid submitter", "slurm", GRID_SUBMITTERS, IGridSubmitter, slurm_config(tmp_path, 0),
                     MemoryReactorClock())
+
+
+@pytest.mark.parametrize("failure", [
+    CommandError(["sbatch"], None, "no answer in 60s: killed"),
+    CommandError(["sbatch"], 1, "sbatch: error: Batch job submission failed: Socket timed out on send/recv operation"),
+])
+def test_an_sbatch_that_did_not_answer_but_submitted_is_followed(setup, failure):
+    sub, runner = setup(failure, ok("4711\n"))
+    with capturedLogs() as events:
+        assert result_of(sub.submit(ENTRY, [GlideinSubmission("b", (), setup.cred)])) == {"b": "4711"}
+    assert runner.calls[1] == ["squeue", "--noheader", "--states=all", "--format=%i", "--name=gwms-b"]
+    assert any("but Slurm has job 4711 named gwms-b: following it" in m for m in messages(events))
+    assert (setup.dir() / "b.jobid").read_text() == "4711\n"
+
+
+@pytest.mark.parametrize("found", [ok("1\n2\n"), ok("x\n"), failed("squeue: error: Unable to contact slurm controller")])
+def test_an_sbatch_that_did_not_answer_is_not_submitted_unless_one_job_has_its_name(setup, found):
+    sub, runner = setup(CommandError(["sbatch"], None, "no answer in 60s: killed"), found)
+    assert result_of(sub.submit(ENTRY, [GlideinSubmission("b", (), setup.cred)])) == {}
+    assert list(setup.dir().iterdir()) == []
+
+
+def test_an_sbatch_refused_for_a_plain_reason_is_not_looked_for(setup):
+    sub, runner = setup(failed("sbatch: error: invalid partition specified: nope"))
+    assert result_of(sub.submit(ENTRY, [GlideinSubmission("b", (), setup.cred)])) == {}
+    assert len(runner.calls) == 1
