@@ -445,13 +445,18 @@ class Schedd:
                identity: object = None) -> DaemonClient:
         """The client to a startd; ``pin``: the SHA-256 of the certificate it advertised, when it
         serves TLS with one of its own making (a glidein with only a token); ``broker`` and
-        ``broker_name``: where it is registered, when it is behind a connection broker; then
-        its address names the broker's host, so its certificate must prove ``identity`` (the
-        one the collector authenticated when it advertised the slot) instead."""
+        ``broker_name``: where it is registered, when it is behind a connection broker.
+        ``identity``: the one the collector authenticated when it advertised the slot. Its
+        certificate must prove that identity, rather than name the host of its address, when
+        it is brokered (the address names the broker's host) and whenever the identity is a
+        certificate's DN: a glidein on a batch node advertises whatever address the node has,
+        which the pilot certificate cannot name, and what matters is that it is the startd
+        the collector admitted."""
         pin = pin if isinstance(pin, str) and pin else None
         broker = broker if isinstance(broker, str) and broker else None
         broker_name = broker_name if isinstance(broker_name, str) and broker else None
-        identity = identity if isinstance(identity, str) and identity and broker and not pin else None
+        identity = (identity if isinstance(identity, str) and identity and not pin
+                    and (broker or identity.startswith("/")) else None)
         key = f"{address}#{pin}#{broker}#{broker_name}#{identity}"
         client = self._startds.get(key)
         if client is None:
@@ -507,7 +512,8 @@ class Schedd:
             if not address or not claim_id:
                 self.requeue(job_id, "no record of where the job was running", evicted=False)
                 continue
-            client = self.daemon(str(address), self.queue.get(job_id, "StartdTLSCertificateSHA256"))
+            client = self.daemon(str(address), self.queue.get(job_id, "StartdTLSCertificateSHA256"),
+                                 identity=self.queue.get(job_id, "StartdIdentity"))
             handle = ClaimHandle(client, str(claim_id), str(self.queue.get(job_id, "RemoteHost")),
                                  _ad(Name=str(self.queue.get(job_id, "RemoteHost")),
                                      RemoteOwner=self.queue.owner(job_id)), str(address))

@@ -152,6 +152,9 @@ class Shadow:
         pin = self.claim.client.address.pin  # a glidein known by its certificate's fingerprint
         if pin is not None:  # recorded so that a restarted schedd reconnects to it the same way
             queue.set(self.job_id, {"StartdTLSCertificateSHA256": pin})
+        identity = self.claim.client.address.identity  # likewise the identity it proved
+        if identity is not None:
+            queue.set(self.job_id, {"StartdIdentity": identity})
         queue.set(self.job_id, {"RemoteHost": self.claim.slot_name, "StartdAddress": self.claim.startd_address,
                                 "ClaimId": self.claim.claim_id, "JobCurrentStartDate": int(now),
                                 "ShadowBday": int(now)})

@@ -229,6 +229,25 @@ def test_a_factory_ignores_and_audits_a_frontend_that_is_not_allowed(tmp_path, s
     assert not glidein_dirs(factory_dir / "work")
 
 
+def test_a_glidein_is_claimed_by_the_identity_it_proved_not_by_its_nodes_address(tmp_path, start_daemon, gwms_cli):
+    """A batch node's address is not in the pilot certificate (it names localhost, 127.0.0.1
+    and ::1; the glideins here listen on 127.0.0.2): the schedd checks that the startd proves
+    the DN the collector authenticated for its slot, not that it names the host."""
+    config = pool_config(tmp_path, idle=8)
+    text = config.read_text().replace('[factory.entry.siteA]\ngrid = "local"',
+                                      '[factory.entry.siteA]\ngrid = "local"\nworker_listen = "127.0.0.2"')
+    config.write_text(text.replace('[factory.entry.siteB]', '[factory.entry.siteB]\nenabled = false'))
+    pool = start_pool(start_daemon, config, tmp_path)
+    env = {**os.environ, "GWMS_CONFIG": str(config)}
+    cluster = submit(gwms_cli, env, tmp_path / "jobs", 1)
+    [job] = wait_until(lambda: (h := history(gwms_cli, env, cluster)) and h, 120, "the job to complete")
+    assert (job["JobStatus"], job["ExitCode"]) == (4, 0)
+    slots = json.loads(gwms_cli("status", "--json", "--pool", pool.address, env=env).stdout)
+    assert slots and all(s["MyAddress"].startswith("127.0.0.2:") for s in slots), slots
+    assert {s["AuthenticatedIdentity"] for s in slots} == {"/O=gwms/OU=Pilots/CN=glidein"}
+    assert "does not match" not in pool.log_text()
+
+
 def test_a_glidein_with_only_a_token_joins_and_runs_jobs(tmp_path, start_daemon, gwms_cli):
     """pilot_token: the glidein holds a pool-signed token for ADVERTISE_STARTD and no certificate;
     its startd serves TLS with a certificate of its own, which the schedd knows by the
