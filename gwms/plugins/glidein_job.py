@@ -17,6 +17,8 @@ import secrets
 import shlex
 from typing import Sequence
 
+from gwms.plugins.grid_local import WAIT_CHILD
+
 # The part every copy runs: make the directory, write the files, run the glidein, clean up.
 _BODY = r"""
 umask 077
@@ -33,15 +35,7 @@ cat > "$base/glidein_startup.sh" <<'GWMS_STARTUP_{tag}'
 {startup}GWMS_STARTUP_{tag}
 {credential}sh "$base/glidein_startup.sh" {arguments} {name_option}-workdir "$base" </dev/null &
 child=$!
-# A trapped signal interrupts wait (status 128+n) though the child lives on: wait again. If
-# the shell reaped the child meanwhile, one more wait still gives its real status.
-while :; do
-    wait "$child"; rc=$?
-    if kill -0 "$child" 2>/dev/null; then continue; fi
-    wait "$child" 2>/dev/null; again=$?
-    [ "$again" -eq 127 ] || rc=$again
-    break
-done
+wait_child "$child"
 exit "$rc"
 """
 
@@ -68,13 +62,7 @@ case ${{1:-}} in
         step=$!
         trap 'srun --overlap --nodes={nodes} --ntasks-per-node=1 --output=/dev/null --error=/dev/null \
                   sh "$copy" --stop' TERM INT
-        while :; do
-            wait "$step"; rc=$?
-            if kill -0 "$step" 2>/dev/null; then continue; fi
-            wait "$step" 2>/dev/null; again=$?
-            [ "$again" -eq 127 ] || rc=$again
-            break
-        done
+        wait_child "$step"
         exit "$rc" ;;
 esac
 echo "$$" > "$pid_file"
@@ -108,7 +96,7 @@ def job_script(glidein_id: str, startup: bytes, arguments: Sequence[str], creden
     if credential is not None:
         args += ["-credential", '"$base/credential"']
     quoted = " ".join(shlex.quote(a) if a != '"$base/credential"' else a for a in args)
-    parts = [f"#!/bin/sh\n# gwms glidein {glidein_id}\n"]
+    parts = [f"#!/bin/sh\n# gwms glidein {glidein_id}\n", WAIT_CHILD]
     if nodes > 1:
         assert node_output is not None
         parts.append(_FAN_OUT.format(parent=parent, nodes=nodes, output=shlex.quote(node_output[0]),

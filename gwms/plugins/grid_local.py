@@ -33,23 +33,31 @@ from gwms.interfaces import IGridSubmitter
 
 log = Logger()
 
+# wait_child PID (POSIX sh, for the wrappers and job scripts that pass signals on to a child):
+# waits for the child and leaves its exit status in $rc. A trapped signal interrupts wait
+# (status 128+n) though the child lives on: wait again. If the shell reaped the child
+# meanwhile, one more wait still gives its real status.
+WAIT_CHILD = r'''
+wait_child() {
+    while :; do
+        wait "$1"; rc=$?
+        if kill -0 "$1" 2>/dev/null; then continue; fi
+        wait "$1" 2>/dev/null; again=$?
+        [ "$again" -eq 127 ] || rc=$again
+        return
+    done
+}
+'''
+
 # The wrapper: runs glidein_startup.sh in the background, records its own pid (it leads the
 # glidein's session), forwards TERM to it, and records the exit code.
-WRAPPER = r'''
+WRAPPER = WAIT_CHILD + r'''
 dir=$1; shift
 sh "$@" > "$dir/stdout" 2> "$dir/stderr" < /dev/null &
 child=$!
 trap 'kill -TERM "$child" 2>/dev/null' TERM INT
 echo "$$" > "$dir/pid.tmp" && mv "$dir/pid.tmp" "$dir/pid"
-# A trapped signal interrupts wait (status 128+n) though the child lives on: wait again. If
-# the shell reaped the child meanwhile, one more wait still gives its real status.
-while :; do
-    wait "$child"; rc=$?
-    if kill -0 "$child" 2>/dev/null; then continue; fi
-    wait "$child" 2>/dev/null; again=$?
-    [ "$again" -eq 127 ] || rc=$again
-    break
-done
+wait_child "$child"
 echo "$rc" > "$dir/exit_code.tmp" && mv "$dir/exit_code.tmp" "$dir/exit_code"
 '''
 
