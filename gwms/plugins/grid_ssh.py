@@ -28,6 +28,7 @@ import os
 import re
 import shlex
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -135,6 +136,7 @@ class SSHRemote:
         self.control_path = str(_control_dir(control_dir) / hashlib.sha256(
             repr((contact, str(key), str(known_hosts), tuple(self.options))).encode()).hexdigest()[:16])
         self._master: Any = None  # (process transport, _MasterProtocol)
+        self._adopted = False  # using a master this process did not start (see _ensure_master)
         self._lock = defer.DeferredLock()
         self.home: str | None = None
 
@@ -161,7 +163,12 @@ class SSHRemote:
                 self.destination]
 
     def master_running(self) -> bool:
-        return self._master is not None and self._master[1].running
+        if self._master is not None:
+            return bool(self._master[1].running)
+        return self._adopted
+
+    def check_argv(self) -> list[str]:
+        return [*self.base_argv(), "-O", "check", self.destination]
 
     def ensure_master(self) -> defer.Deferred[None]:
         """Start the control master unless it runs; fires once commands can go through it."""
@@ -169,6 +176,13 @@ class SSHRemote:
 
     @defer.inlineCallbacks
     def _ensure_master(self) -> Any:
+        if not self.master_running() and self._master is None and os.path.exists(self.control_path):
+            # A master an earlier factory process left (killed with -9, say, while its master
+            # ran in a session of its own): use it rather than log in again and orphan it.
+            result = yield self.local(self.check_argv(), 10.0, None)
+            if result.exit_code == 0:
+                self._adopted = True
+                log.info("ssh: using the running connection to {contact}", contact=self.contact)
         if not self.master_running():
             yield self._start_master()
         if self.home is None:  # also after a `pwd` that failed while the master lived on
@@ -187,7 +201,8 @@ class SSHRemote:
                                               childFDs={0: "w", 1: "r", 2: "r"})
         self._master = (transport, proto)
         deadline = self.reactor.seconds() + MASTER_START_TIMEOUT
-        check = [*self.base_argv(), "-O", "check", self.destination]
+        self._adopted = False
+        check = self.check_argv()
         while True:
             if not proto.running:
                 raise CommandError(argv, None, f"the SSH connection to {self.contact} ended: "
@@ -208,6 +223,8 @@ class SSHRemote:
     def run(self, argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT, stdin: bytes | None = None) -> Any:
         yield self.ensure_master()
         result = yield self.local(self.command_argv(argv), timeout, stdin)
+        if result.exit_code == 255 and self._adopted and not os.path.exists(self.control_path):
+            self._adopted = False  # the adopted master has gone: the next command starts one
         if result.exit_code == 255 and not self.master_running():
             # ssh's own failure (the connection dropped): say so rather than blame the command.
             raise CommandError(argv, None, f"SSH connection to {self.contact} lost: {result.stderr.strip()}")
@@ -230,6 +247,10 @@ class SSHRemote:
 
     def stop(self) -> defer.Deferred[None]:
         """Close the connection (the factory is stopping)."""
+        if self._adopted:
+            self._adopted = False
+            return self.local([*self.base_argv(), "-O", "exit", self.destination], 10.0, None).addBoth(
+                lambda _: None)
         if not self.master_running():
             return defer.succeed(None)
         ended = self._master[1].ended
@@ -240,10 +261,21 @@ class SSHRemote:
 def _control_dir(wanted: Path | None) -> Path:
     """A private directory for control sockets, short enough for a UNIX socket path (108
     bytes, of which ssh takes 34 for the name and a temporary suffix): the factory's own when it
-    fits, else one under /tmp."""
+    fits, else one under /tmp named after it, so that a restarted factory finds its masters."""
     if wanted is not None and len(str(Path(wanted).absolute())) <= 64:
         wanted.mkdir(mode=0o700, parents=True, exist_ok=True)
         return wanted
+    tag = hashlib.sha256(str(Path(wanted).absolute() if wanted is not None else "").encode()).hexdigest()[:12]
+    short = Path(tempfile.gettempdir()) / f"gwms-ssh-{os.getuid()}-{tag}"
+    try:
+        short.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(short)
+    # Only a directory of ours that nobody else can enter (not a symlink someone planted).
+    if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o077:
+        return short
+    log.warn("ssh: {dir} is not a private directory of ours: using a new one", dir=str(short))
     return Path(tempfile.mkdtemp(prefix="gwms-ssh-"))
 
 

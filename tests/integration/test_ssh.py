@@ -121,3 +121,25 @@ def test_glideins_over_ssh_to_a_remote_slurm_run_jobs(ssh_server, node_python, s
     states = {slurm.jobs()[i][1] for i in glideins}
     assert states == {"COMPLETED"}, states
     assert ssh_server.logins() - logins_before == 1
+
+
+def test_a_factory_killed_and_restarted_uses_the_ssh_connection_it_left(ssh_server, node_python, tmp_path,
+                                                                        start_daemon, gwms_cli):
+    logins_before = ssh_server.logins()
+    config = ssh_pool_config(tmp_path, ssh_server, node_python, "fork", idle=30)
+    pool = start_pool(start_daemon, config, tmp_path)
+    env = {"GWMS_CONFIG": str(config)}
+    cluster = submit(gwms_cli, env, tmp_path / "jobs", 1, "sleep 2; id -un")
+    area = ssh_server.home / "glideins" / "remote"
+    wait_until(lambda: list(area.glob("remote-*/job.sh")), 60, "a glidein staged over SSH")
+    pool.kill9()
+    # The control master runs in a session of its own: it outlives the factory's process group.
+    assert ssh_processes(ssh_server)
+    restarted = pool.restart()
+    wait_until(lambda: gwms_cli("q", "--json", env=env).returncode == 0, 30, "the restarted schedd to answer")
+    [job] = wait_until(lambda: history(gwms_cli, env, cluster), 90, "the job to complete after the restart")
+    assert (job["JobStatus"], job["ExitCode"]) == (4, 0)
+    assert "ssh: using the running connection to " + ssh_server.contact in restarted.log_text()
+    assert ssh_server.logins() - logins_before == 1  # no second login, no orphaned master
+    restarted.stop()
+    assert ssh_processes(ssh_server) == []

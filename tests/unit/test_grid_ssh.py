@@ -989,3 +989,75 @@ def test_an_ssh_contact_with_a_port_out_of_range_is_refused_at_start_up(contact)
 
     with pytest.raises(ConfigError, match=r"port 1-65535"):
         check_ssh_entry("<test>", "e", {"contact": contact, "remote_batch": "fork", "remote_dir": ".gwms"})
+
+
+def test_a_master_left_by_an_earlier_factory_is_used_not_doubled(short_dir):
+    remote, reactor, fake = make_remote(short_dir)
+    Path(remote.control_path).touch()  # the socket of a master still running
+    assert result_of(remote.ensure_master()) is None
+    assert reactor.spawned == []  # no new login
+    assert fake.checks_run == [remote.check_argv()]
+    assert remote.master_running() and remote.home == HOME
+    # Stopping the factory closes it the way ssh closes a master it did not start.
+    assert result_of(remote.stop()) is None
+    assert fake.calls[-1][0] == [*remote.base_argv(), "-O", "exit", "u@h"]
+    assert not remote.master_running()
+
+
+def test_a_stale_socket_is_replaced_by_a_new_master(short_dir):
+    remote, reactor, fake = make_remote(short_dir)
+    Path(remote.control_path).touch()
+    fake.checks = [failed("Control socket connect: Connection refused")]  # nobody behind it
+    assert result_of(remote.ensure_master()) is None
+    assert len(reactor.masters) == 1 and remote.master_running()
+
+
+def test_when_an_adopted_master_goes_the_next_command_starts_a_new_one(short_dir):
+    remote, reactor, fake = make_remote(short_dir)
+    Path(remote.control_path).touch()
+    result_of(remote.ensure_master())
+    os.unlink(remote.control_path)  # it exited
+    fake.answers = [CommandResult(255, "", "ssh: connect to host h port 22: Connection refused")]
+    with pytest.raises(CommandError, match="SSH connection to u@h lost"):
+        result_of(remote.run(["true"]))
+    assert not remote.master_running()
+    d = remote.ensure_master()
+    advance_until(reactor, d, 5)
+    assert result_of(d) is None and len(reactor.masters) == 1
+
+
+def test_a_long_control_directory_is_replaced_by_one_named_after_it_under_tmp(tmp_path):
+    from gwms.plugins.grid_ssh import _control_dir
+
+    wanted = tmp_path / ("x" * 80) / "ssh"
+    first = _control_dir(wanted)
+    try:
+        assert len(str(first)) <= 64 and first.name.startswith(f"gwms-ssh-{os.getuid()}-")
+        assert _control_dir(wanted) == first  # a restarted factory finds its sockets again
+        assert _control_dir(tmp_path / ("y" * 80)) != first
+        assert (first.stat().st_mode & 0o777) == 0o700
+    finally:
+        shutil.rmtree(first, ignore_errors=True)
+
+
+@pytest.mark.parametrize("planted", ["open", "symlink"])
+def test_a_control_directory_someone_else_could_use_is_not_taken(tmp_path, planted):
+    from gwms.plugins.grid_ssh import _control_dir
+
+    wanted = tmp_path / ("z" * 80)
+    expected = _control_dir(wanted)
+    shutil.rmtree(expected)
+    if planted == "open":
+        expected.mkdir(mode=0o777)
+        expected.chmod(0o777)
+    else:
+        expected.symlink_to(tmp_path)
+    try:
+        got = _control_dir(wanted)
+        assert got != expected and (got.stat().st_mode & 0o777) == 0o700
+        shutil.rmtree(got)
+    finally:
+        if expected.is_symlink():
+            expected.unlink()
+        else:
+            shutil.rmtree(expected, ignore_errors=True)
