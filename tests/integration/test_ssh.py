@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from gwms.cli.demo import free_port
 from gwms.testing.polling import wait_until
 
 from ssh_server import USER
@@ -127,11 +128,16 @@ def test_a_factory_killed_and_restarted_uses_the_ssh_connection_it_left(ssh_serv
                                                                         start_daemon, gwms_cli):
     logins_before = ssh_server.logins()
     config = ssh_pool_config(tmp_path, ssh_server, node_python, "fork", idle=30)
+    # The pool's collector at a fixed port, as a real pool's is: the glideins find it again.
+    port = free_port()
+    config.write_text(config.read_text().replace('collectors = ["127.0.0.1:0"]', f'collectors = ["127.0.0.1:{port}"]')
+                      .replace('[collector]\nlisten = "127.0.0.1:0"', f'[collector]\nlisten = "127.0.0.1:{port}"'))
     pool = start_pool(start_daemon, config, tmp_path)
     env = {"GWMS_CONFIG": str(config)}
     cluster = submit(gwms_cli, env, tmp_path / "jobs", 1, "sleep 2; id -un")
-    area = ssh_server.home / "glideins" / "remote"
-    wait_until(lambda: list(area.glob("remote-*/job.sh")), 60, "a glidein staged over SSH")
+    # Killed once the factory has recorded what it submitted (a submission cut short counts as
+    # idle until it is stale, and would leave the restarted factory nothing to do over SSH).
+    wait_until(lambda: "factory: submitted 1 glideins to remote" in pool.log_text(), 60, "a glidein submitted over SSH")
     pool.kill9()
     # The control master runs in a session of its own: it outlives the factory's process group.
     assert ssh_processes(ssh_server)
