@@ -258,7 +258,7 @@ class SlurmBatch:
             statuses.update({k: v for k, v in finished.items() if k in wanted and v.state == FINISHED})
         if self.removing:
             try:
-                yield self._escalate(statuses)
+                yield self._escalate(ids, statuses)
             except CommandError as e:
                 log.warn("slurm: {error}", error=str(e))
         return statuses
@@ -315,12 +315,15 @@ class SlurmBatch:
         raise CommandError(argv, result.exit_code, result.stderr or result.stdout)
 
     @defer.inlineCallbacks
-    def _escalate(self, statuses: Mapping[str, GridStatus]) -> Any:
-        """Cancel outright the glideins asked to stop more than REMOVE_GRACE ago that still run."""
+    def _escalate(self, ids: Sequence[str], statuses: Mapping[str, GridStatus]) -> Any:
+        """Of the glideins just queried (``ids``: one entry's; the others' are left alone), cancel
+        outright those asked to stop more than REMOVE_GRACE ago that still run."""
         now = self._now()
-        for i in [i for i in self.removing if i not in statuses or statuses[i].state == FINISHED]:
-            del self.removing[i]
-        late = sorted(i for i, asked in self.removing.items() if now - asked > REMOVE_GRACE)
+        asked = [i for i in ids if i in self.removing]
+        for i in asked:
+            if i not in statuses or statuses[i].state == FINISHED:
+                del self.removing[i]
+        late = sorted(i for i in asked if i in self.removing and now - self.removing[i] > REMOVE_GRACE)
         if late:
             log.warn("slurm: {n} glideins still run {grace:g}s after they were asked to stop: scancel",
                      n=len(late), grace=REMOVE_GRACE)

@@ -664,3 +664,22 @@ def test_an_sbatch_refused_for_a_plain_reason_is_not_looked_for(setup):
     sub, runner = setup(failed("sbatch: error: invalid partition specified: nope"))
     assert result_of(sub.submit(ENTRY, [GlideinSubmission("b", (), setup.cred)])) == {}
     assert len(runner.calls) == 1
+
+
+def test_a_query_of_one_entry_leaves_the_removals_of_another_alone():
+    from twisted.internet.task import Clock
+
+    from gwms.plugins.grid_local import REMOVE_GRACE
+
+    clock = Clock()
+    runner = FakeRunner()
+    batch = SlurmBatch(runner, clock=clock)  # one plugin, so one SlurmBatch, for every entry
+    result_of(batch.remove(["7"]))  # entry A's glidein
+    clock.advance(REMOVE_GRACE + 1)
+    runner.calls.clear()
+    runner.answers = [ok("9|RUNNING|None\n")]
+    result_of(batch.query(["9"]))  # entry B's query: 7 is none of its business
+    assert runner.calls == [[*SQUEUE, "--jobs=9"]] and batch.removing == {"7": 0.0}
+    runner.answers = [ok("7|RUNNING|None\n")]
+    result_of(batch.query(["7"]))  # entry A's: 7 still runs past the grace
+    assert runner.calls[-1] == ["scancel", "7"]
