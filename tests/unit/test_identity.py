@@ -8,12 +8,10 @@ import pwd
 import stat
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 from zope.interface.verify import verifyObject
@@ -38,6 +36,9 @@ from gwms.plugins.identity import (
 from gwms.protocols.messages import CommandError
 from gwms.schedd.mapping import MappingError, parse_grid_mapfile
 from gwms.startd.service import Startd
+
+import startd_fakes
+from startd_fakes import FakeRequest, ad
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="as root: chown to other accounts")
 
@@ -368,41 +369,12 @@ def test_the_restore_stage_gives_the_saved_variables_back_exactly():
 
 # -- the startd's side ---------------------------------------------------------------------------------
 
-class FakeProcess:
+class FakeProcess(startd_fakes.FakeProcess):
+    """The startd's fake job process, which also asks the identity switch how it would launch."""
+
     def __init__(self, reactor, switch, job, argv, env, sandbox, stdin, stdout, stderr, marker):
-        self.finished: defer.Deferred[Any] = defer.Deferred()
-        self.pid = 4242
+        super().__init__(reactor, switch, job, argv, env, sandbox, stdin, stdout, stderr, marker)
         self.spec = switch.launch(job, argv, env, sandbox)
-
-    def start(self):
-        pass
-
-    def usage(self):
-        from gwms.startd.process import Usage
-
-        return Usage(0.0, 0.0, 0.0, 0)
-
-    def kill(self, grace):
-        self.end(signal=9)
-        return defer.succeed(None)
-
-    def end(self, code=0, signal=None):
-        from gwms.startd.process import JobResult, Usage
-
-        if not self.finished.called:
-            self.finished.callback(JobResult(code, signal, Usage(0.1, 0.0, 1.0, 100), 0))
-
-
-@dataclass
-class Request:
-    ad: Any
-
-
-def ad(**values: Any) -> classads.ClassAd:
-    a = classads.ClassAd()
-    for k, v in values.items():
-        a[k] = v
-    return a
 
 
 @pytest.fixture
@@ -428,13 +400,13 @@ def startd(tmp_path, switch=None, text=""):
 
 def claim(s, owner, slot="slot1@wn", **extra):
     cap = s.slot_ad(s.slots[slot])["ClaimId"]
-    return s.request_claim(Request(ad(ClaimId=cap, JobAd=job(owner, **extra), Schedd="schedd")))["ClaimId"]
+    return s.request_claim(FakeRequest(ad(ClaimId=cap, JobAd=job(owner, **extra), Schedd="schedd")))["ClaimId"]
 
 
 def run(s, claim_id, owner, **extra):
-    s.activate(Request(ad(ClaimId=claim_id, JobAd=job(owner, **extra))))
-    s.start_job(Request(ad(ClaimId=claim_id)))
-    return s.claim_for(Request(ad(ClaimId=claim_id)))
+    s.activate(FakeRequest(ad(ClaimId=claim_id, JobAd=job(owner, **extra))))
+    s.start_job(FakeRequest(ad(ClaimId=claim_id)))
+    return s.claim_for(FakeRequest(ad(ClaimId=claim_id)))
 
 
 def test_none_refuses_a_second_owner_and_restricts_start_to_the_first(tmp_path, logged):
@@ -496,7 +468,7 @@ def test_a_switchs_refusal_is_a_clear_error_at_claim_and_activation(tmp_path):
     assert s.slots["slot1@wn"].state == "Unclaimed"
     late = claim(s, "late")
     with pytest.raises(CommandError) as e:
-        s.activate(Request(ad(ClaimId=late, JobAd=job("late"))))
+        s.activate(FakeRequest(ad(ClaimId=late, JobAd=job("late"))))
     assert e.value.code == "IDENTITY_REFUSED" and "went away" in e.value.message
     assert os.listdir(tmp_path / "execute") == []  # the sandbox it had made is gone
     # Different owners on one startd: fine for a switch that gives each its own account.
