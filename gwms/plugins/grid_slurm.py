@@ -378,13 +378,13 @@ class SlurmGridSubmitter:
         if "/" in glidein_id or glidein_id.startswith(".") or not glidein_id:
             raise ValueError(f"bad glidein id {glidein_id!r}")
 
-    def _prepare(self, entry: Mapping[str, Any], g: GlideinSubmission) -> Path:
+    def _prepare(self, entry: Mapping[str, Any], g: GlideinSubmission, startup: bytes) -> Path:
         """Write the glidein's job script (mode 0600: it holds the credential); returns its path."""
         self._check_id(g.glidein_id)
         d = self._dir(entry)
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
         credential = Path(g.credential).read_bytes() if g.credential is not None else None
-        text = self.batch.script(entry, g, self.startup_script.read_bytes(), credential, str(d))
+        text = self.batch.script(entry, g, startup, credential, str(d))
         script = d / f"{g.glidein_id}.sh"
         script.unlink(missing_ok=True)
         fd = os.open(script, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -395,9 +395,15 @@ class SlurmGridSubmitter:
     @defer.inlineCallbacks
     def submit(self, entry: Mapping[str, Any], glideins: Sequence[GlideinSubmission]) -> Any:
         submitted: dict[str, str] = {}
+        try:
+            startup = self.startup_script.read_bytes()  # once for the whole batch
+        except OSError as e:
+            log.warn("slurm entry {entry}: cannot read {path}: {error}", entry=entry.get("name"),
+                     path=str(self.startup_script), error=str(e))
+            return submitted
         for g in glideins:
             try:
-                script = self._prepare(entry, g)
+                script = self._prepare(entry, g, startup)
             except (OSError, ValueError) as e:
                 log.warn("slurm glidein {id}: cannot prepare: {error}", id=g.glidein_id, error=str(e))
                 continue
